@@ -1,0 +1,1 @@
+"""Pure-functional flax.linen modules: layers, attention, decoders, vision encoder."""
