@@ -1,0 +1,1 @@
+"""Dataset readers (poses, keypoints, annotations, video) and the SynthSign generator."""

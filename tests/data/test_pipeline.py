@@ -1,0 +1,205 @@
+"""grain pipelines: buckets, epochs, sharding, checkpointed iterators, skips."""
+
+import functools
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+from absl import flags
+
+from rvlf_jax.data import annotations, keypoints, pipeline
+from rvlf_jax.data.pipeline import Buckets, Featurizer, SkipReport
+
+
+class WordTokenizer:
+  """Whitespace tokenizer over a growing vocabulary: enough to exercise the pipeline."""
+
+  pad_id, eos_id = 0, 1
+
+  def encode(self, text):
+    return [2 + (sum(map(ord, w)) % 50) for w in text.split()]
+
+
+class FakeDataset:
+  """Clips of 5..40 frames with texts of 1..12 words; some indices are broken on request."""
+
+  def __init__(self, n, broken=None):
+    self.n, self.broken = n, broken or {}
+
+  def num_examples(self, split):
+    return self.n
+
+  def example(self, split, i, frames=False):
+    rng = np.random.default_rng(i)
+    t = 5 + (i * 7) % 36
+    ex = {'id': f'{split}-{i}', 'keypoints': rng.normal(size=(t, 133, 2)).astype(np.float32),
+          'scores': rng.uniform(size=(t, 133)).astype(np.float32),
+          'text': ' '.join(['word'] * (1 + i % 12))}
+    if frames:
+      ex['frames'] = rng.integers(0, 255, (t, 8, 8, 3), dtype=np.uint8)
+    kind = self.broken.get(i)
+    if kind == 'nan':
+      ex['keypoints'][0, 0, 0] = np.nan
+    elif kind == 'empty_text':
+      ex['text'] = '  '
+    elif kind == 'wrong_points':
+      ex['keypoints'], ex['scores'] = ex['keypoints'][:, :, :1], ex['scores']
+    elif kind == 'unreadable':
+      return pipeline.skipped(ex['id'], 'FileNotFoundError: poses/x.pose does not exist')
+    return ex
+
+
+BUCKETS = Buckets(frames=(16, 32), tokens=(8, 16))
+
+
+def featurizer(**kw):
+  return Featurizer(tokenizer=WordTokenizer(), buckets=BUCKETS, **kw)
+
+
+def ids_of(batches):
+  return [i for b in batches for i, keep in zip(b['id'], b['example_mask']) if keep]
+
+
+def test_batches_use_buckets_and_masks():
+  source = pipeline.SplitSource(FakeDataset(20), 'train', frames=True)
+  ds = pipeline.train_pipeline(source, featurizer(frames=True), 4, seed=0, num_epochs=1,
+                               shard=(0, 1))
+  shapes = set()
+  for batch in ds:
+    b, t = batch['frame_mask'].shape
+    assert b == 4 and t in (16, 32) and batch['text_ids'].shape[1] in (8, 16)
+    assert batch['keypoints'].shape == (4, t, 133, 3)
+    assert batch['frames'].shape == (4, t, 8, 8, 3)
+    lengths = batch['frame_mask'].sum(1)
+    # Padding frames carry zero confidence; real frames keep theirs.
+    for row, n in enumerate(lengths):
+      assert np.all(batch['keypoints'][row, n:] == 0)
+    np.testing.assert_array_equal(batch['text_mask'], batch['text_ids'] != 0)
+    assert np.all(batch['text_ids'][np.arange(4), batch['text_mask'].sum(1) - 1] == 1)  # eos
+    shapes.add((t, batch['text_ids'].shape[1]))
+  assert len(shapes) >= 2  # several buckets in use, each a fixed shape
+
+
+def test_epochs_reshuffle_and_cover_everything():
+  source = pipeline.SplitSource(FakeDataset(12), 'train')
+  batches = list(pipeline.train_pipeline(source, featurizer(), 4, seed=3, num_epochs=2,
+                                         shard=(0, 1)))
+  first, second = ids_of(batches[:3]), ids_of(batches[3:])
+  assert sorted(first) == sorted(second) == sorted(f'train-{i}' for i in range(12))
+  assert first != second
+
+
+def test_process_shards_are_disjoint():
+  source = pipeline.SplitSource(FakeDataset(16), 'train')
+  seen = [ids_of(pipeline.train_pipeline(source, featurizer(), 2, seed=0, num_epochs=1,
+                                         shard=(k, 2))) for k in range(2)]
+  assert not set(seen[0]) & set(seen[1])
+  assert len(seen[0]) + len(seen[1]) == 16
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_restored_iterator_yields_the_same_batches(workers):
+  flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
+  source = pipeline.SplitSource(FakeDataset(30), 'train')
+  make = lambda: iter(pipeline.train_pipeline(source, featurizer(), 4, seed=7, workers=workers,
+                                              shard=(0, 1)))
+  uninterrupted = make()
+  expected = [next(uninterrupted) for _ in range(12)]
+  interrupted = make()
+  for _ in range(5):
+    next(interrupted)
+  state = interrupted.get_state()
+  del interrupted
+  resumed = make()
+  resumed.set_state(state)
+  for want in expected[5:]:
+    got = next(resumed)
+    assert set(got) == set(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_eval_yields_every_example_once_in_order():
+  source = pipeline.SplitSource(FakeDataset(10), 'dev')
+  batches = list(pipeline.eval_pipeline(source, featurizer(), 4, shard=(0, 1)))
+  assert [b['example_mask'].sum() for b in batches] == [4, 4, 2]
+  assert all(b['frame_mask'].shape[0] == 4 for b in batches)
+  assert ids_of(batches) == [f'dev-{i}' for i in range(10)]
+
+
+def test_lenient_mode_skips_counts_and_reports(caplog):
+  broken = {1: 'nan', 4: 'empty_text', 6: 'wrong_points', 9: 'unreadable'}
+  source = pipeline.SplitSource(FakeDataset(12, broken), 'train')
+  report = SkipReport('train')
+  with caplog.at_level(logging.INFO, logger='rvlf_jax.data'):
+    got = ids_of(pipeline.train_pipeline(source, featurizer(), 1, seed=0, num_epochs=1,
+                                         report=report, shard=(0, 1)))
+  assert sorted(got) == sorted(f'train-{i}' for i in range(12) if i not in broken)
+  assert report.total == 4
+  summary = report.summary()
+  for needle in ('NaN', 'empty translation', 'not [T, J, 2]', 'poses/x.pose'):
+    assert needle in summary
+  assert 'end of epoch 1' in caplog.text and 'skipped 4' in caplog.text
+
+
+@pytest.mark.parametrize('kind,message', [('nan', 'train-1: NaN'),
+                                          ('empty_text', 'train-1: empty translation'),
+                                          ('unreadable', 'poses/x.pose')])
+def test_strict_mode_raises_naming_the_example(kind, message):
+  source = pipeline.SplitSource(FakeDataset(4, {1: kind}), 'train')
+  ds = pipeline.eval_pipeline(source, featurizer(strict=True), 2, shard=(0, 1))
+  with pytest.raises(ValueError, match=message):
+    list(ds)
+
+
+def test_long_clips_are_subsampled_and_counted():
+  source = pipeline.SplitSource(FakeDataset(8), 'train')
+  report = SkipReport()
+  small = Featurizer(tokenizer=WordTokenizer(), buckets=Buckets(frames=(8, 12), tokens=(4,)))
+  batches = list(pipeline.eval_pipeline(source, small, 8, report=report, shard=(0, 1)))
+  assert batches[0]['frame_mask'].shape == (8, 12)
+  assert batches[0]['text_ids'].shape == (8, 4)
+  assert np.all(batches[0]['text_ids'][:, -1][batches[0]['text_mask'][:, -1]] == 1)
+  dataset = FakeDataset(8)
+  expected = sum(
+      dataset.example('train', i)['keypoints'].shape[0] > 12  # frames over the largest bucket
+      or len(dataset.example('train', i)['text'].split()) + 1 > 4  # words + eos over 4 tokens
+      for i in range(8))
+  assert 0 < report.truncated == expected
+
+
+def test_bucket_validation():
+  with pytest.raises(ValueError, match='increasing'):
+    Buckets(frames=(32, 16))
+
+
+def test_real_pose_files_feed_the_pipeline(shared_data, tmp_path):
+  """Both real sample files, a missing file and a truncated .pose, through PoseFileSource."""
+  with open(os.path.join(shared_data, 'holistic_v02.pose'), 'rb') as f:
+    (tmp_path / 'truncated.pose').write_bytes(f.read()[:20000])
+  shutil.copy(os.path.join(shared_data, 'rtmpose133_lis.pkl'), tmp_path / 'lis.pkl')
+  shutil.copy(os.path.join(shared_data, 'holistic_v02.pose'), tmp_path / 'holistic.pose')
+  records = [annotations.Annotation(id=name, split='train', text='ein satz hier',
+                                    dataset='phoenix2014t')
+             for name in ('lis.pkl', 'holistic.pose', 'missing.pkl', 'truncated.pose')]
+  source = pipeline.PoseFileSource(records, str(tmp_path / '{id}'))
+  report = SkipReport('real')
+  normalize = functools.partial(keypoints.normalize, strict=False)
+  featurize = Featurizer(tokenizer=WordTokenizer(), buckets=Buckets(frames=(8, 128)),
+                         normalize=normalize)
+  batches = list(pipeline.eval_pipeline(source, featurize, 2, report=report, shard=(0, 1)))
+  assert ids_of(batches) == ['lis.pkl', 'holistic.pose']
+  batch = batches[0]
+  assert batch['keypoints'].shape == (2, 128, 133, 3)
+  assert batch['frame_mask'].sum(1).tolist() == [126, 5]
+  # Body-centred: the shoulders' midpoint is near the origin in both files.
+  shoulders = batch['keypoints'][:, 0, 5:7, :2].mean(1)
+  assert np.abs(shoulders).max() < 0.1
+  assert report.total == 2
+  assert 'missing.pkl' in report.summary() and 'truncated.pose' in report.summary()
+
+  strict = pipeline.PoseFileSource(records[2:], str(tmp_path / '{id}'), strict=True)
+  with pytest.raises(ValueError, match='missing.pkl'):
+    strict[0]
