@@ -1,0 +1,1 @@
+"""GRPO: rewards, advantage estimators and the policy loss, registered by name."""
