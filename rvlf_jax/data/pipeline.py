@@ -34,7 +34,7 @@ import grain
 import jax
 import numpy as np
 
-from rvlf_jax.data import annotations, keypoints, poses
+from rvlf_jax.data import annotations, keypoints, poses, video
 
 SKIPPED = '__skipped__'
 
@@ -285,6 +285,32 @@ class PoseFileSource:
       return skipped(record.id, str(e) if path in str(e) else f'{path}: {e}')
     return {'id': record.id, 'keypoints': body.keypoints, 'scores': body.scores,
             'text': record.text, 'fps': body.fps}
+
+
+def annotation_clips(records: Sequence[annotations.Annotation], *, size: int | None = None,
+                     target_fps: float | None = None, strict: bool = False,
+                     report: SkipReport | None = None):
+  """Yields (id, frames uint8[T, H, W, 3]) of each annotation's frame folder or video clip.
+
+  The input of `features.build_feature_cache` for real datasets. A missing or undecodable video
+  or folder raises (strict) or is skipped, logged with its path and counted in `report`.
+  """
+  logger = logging.getLogger('rvlf_jax.data')
+  for record in records:
+    path = record.frames_dir or record.video
+    try:
+      if path is None:
+        raise ValueError(f'{record.id}: the annotation names neither a frame folder nor a video.')
+      frames = video.load_frames(path, fps=record.fps, target_fps=target_fps, size=size,
+                                 start=record.start, end=record.end)
+    except ValueError as e:  # VideoError names the path
+      if strict:
+        raise
+      if report is not None:
+        report.add(str(e), record.id)
+      logger.warning('skipping %s: %s', record.id, e)
+      continue
+    yield record.id, frames
 
 
 def _drop_skipped(report: SkipReport, epoch_length: int, logger: logging.Logger):

@@ -3,11 +3,13 @@
 import functools
 import logging
 import os
+import pickle
 import shutil
 
 import numpy as np
 import pytest
 from absl import flags
+from PIL import Image
 
 from rvlf_jax.data import annotations, keypoints, pipeline
 from rvlf_jax.data.pipeline import Buckets, Featurizer, SkipReport
@@ -181,9 +183,16 @@ def test_real_pose_files_feed_the_pipeline(shared_data, tmp_path):
     (tmp_path / 'truncated.pose').write_bytes(f.read()[:20000])
   shutil.copy(os.path.join(shared_data, 'rtmpose133_lis.pkl'), tmp_path / 'lis.pkl')
   shutil.copy(os.path.join(shared_data, 'holistic_v02.pose'), tmp_path / 'holistic.pose')
+  with open(os.path.join(shared_data, 'rtmpose133_lis.pkl'), 'rb') as f:
+    lis = pickle.load(f)
+  lis['keypoints'] = [np.asarray(k)[:, :130] for k in lis['keypoints']]
+  lis['scores'] = [np.asarray(k)[:, :130] for k in lis['scores']]
+  with open(tmp_path / 'wrong_count.pkl', 'wb') as f:
+    pickle.dump(lis, f)
   records = [annotations.Annotation(id=name, split='train', text='ein satz hier',
                                     dataset='phoenix2014t')
-             for name in ('lis.pkl', 'holistic.pose', 'missing.pkl', 'truncated.pose')]
+             for name in ('lis.pkl', 'holistic.pose', 'missing.pkl', 'truncated.pose',
+                          'wrong_count.pkl')]
   source = pipeline.PoseFileSource(records, str(tmp_path / '{id}'))
   report = SkipReport('real')
   normalize = functools.partial(keypoints.normalize, strict=False)
@@ -197,9 +206,29 @@ def test_real_pose_files_feed_the_pipeline(shared_data, tmp_path):
   # Body-centred: the shoulders' midpoint is near the origin in both files.
   shoulders = batch['keypoints'][:, 0, 5:7, :2].mean(1)
   assert np.abs(shoulders).max() < 0.1
-  assert report.total == 2
-  assert 'missing.pkl' in report.summary() and 'truncated.pose' in report.summary()
+  assert report.total == 3
+  for name in ('missing.pkl', 'truncated.pose', 'wrong_count.pkl'):
+    assert name in report.summary()
 
   strict = pipeline.PoseFileSource(records[2:], str(tmp_path / '{id}'), strict=True)
   with pytest.raises(ValueError, match='missing.pkl'):
     strict[0]
+
+
+def test_annotation_clips_skip_missing_videos(tmp_path):
+  folder = tmp_path / 'frames' / 'clip_a'
+  folder.mkdir(parents=True)
+  for i in range(3):
+    Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(folder / f'{i}.png')
+  records = [
+      annotations.Annotation(id='a', split='dev', text='x', dataset='phoenix2014t',
+                             frames_dir=str(folder), fps=25.0),
+      annotations.Annotation(id='b', split='dev', text='y', dataset='how2sign',
+                             video=str(tmp_path / 'gone.mp4'), start=1.0, end=2.0),
+  ]
+  report = SkipReport('clips')
+  clips = list(pipeline.annotation_clips(records, size=8, report=report))
+  assert [c[0] for c in clips] == ['a'] and clips[0][1].shape == (3, 8, 8, 3)
+  assert report.total == 1 and 'gone.mp4' in report.summary()
+  with pytest.raises(ValueError, match='gone.mp4'):
+    list(pipeline.annotation_clips(records, strict=True))
