@@ -57,6 +57,35 @@ def attend(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_b1ts: Array, scale:
   return out.reshape(b, t, n, h)
 
 
+def attend_with_prefix(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_b1ts: Array,
+                       prefix_k_bpkh: Array, prefix_v_bpkh: Array, prefix_mask_b1tp: Array,
+                       scale: float, logit_cap: float | None = None) -> Array:
+  """Attention over a shared prefix cache and a per-sample cache, one softmax over both.
+
+  For group sampling, G samples continue one prefilled prompt: the prefix keys/values are the
+  same for all G, so under `jax.vmap` over the group they stay unbatched (in_axes=None) and the
+  q.k products become one contraction with G as a free dimension, instead of G copies of the
+  prefix. The two partial softmaxes are merged exactly through a shared running maximum.
+  """
+  b, t, n, h = q_btnh.shape
+  k = k_bskh.shape[2]
+  q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+
+  def logits(keys, mask):
+    z = jnp.einsum('btkgh,bskh->bkgts', q_btkgh, keys).astype(jnp.float32) * scale
+    return jnp.where(mask[:, :, None], layers.softcap(z, logit_cap), NEG_INF)
+
+  z_p = logits(prefix_k_bpkh, prefix_mask_b1tp)
+  z_s = logits(k_bskh, mask_b1ts)
+  m = jnp.maximum(z_p.max(axis=-1, keepdims=True), z_s.max(axis=-1, keepdims=True))
+  p_p, p_s = jnp.exp(z_p - m), jnp.exp(z_s - m)
+  total = p_p.sum(axis=-1, keepdims=True) + p_s.sum(axis=-1, keepdims=True)
+  dtype = v_bskh.dtype
+  out = (jnp.einsum('bkgts,bskh->btkgh', (p_p / total).astype(dtype), prefix_v_bpkh) +
+         jnp.einsum('bkgts,bskh->btkgh', (p_s / total).astype(dtype), v_bskh))
+  return out.reshape(b, t, n, h)
+
+
 def init_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
                dtype: Any = jnp.float32) -> dict[str, Array]:
   """An empty KV cache.
@@ -103,7 +132,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd: Array, sin_bth: Array, cos_bth: Array, mask_b1ts: Array,
-               kv_cache: tuple[Array, Array, Array] | None = None):
+               kv_cache: tuple[Array, Array, Array] | None = None,
+               prefix: tuple[Array, Array, Array] | None = None):
     """Attends x to itself, or to the cache after writing x's keys into it.
 
     Args:
@@ -111,6 +141,8 @@ class Attention(nn.Module):
       sin_bth, cos_bth: rotary tables for the query positions.
       mask_b1ts: visibility; S = T without cache, S = cache length with it.
       kv_cache: (k [B, S, K, H], v [B, S, K, H], index) of this layer, or None.
+      prefix: (k [B, P, K, H], v [B, P, K, H], mask bool[B, 1, T, P]) of a read-only prefix
+        cache that x also attends to (shared by a group of samples), or None.
 
     Returns:
       (output [B, T, D], updated (k, v) or None).
@@ -140,7 +172,13 @@ class Attention(nn.Module):
       key, value = write_kv(k_cache, v_cache, index, key, value)
       new_cache = (key, value)
     scale = (cfg.query_pre_attn_scalar or h)**-0.5
-    out_btnh = attend(q, key.astype(dtype), value.astype(dtype), mask_b1ts, scale,
-                      cfg.attn_logit_softcap)
+    if prefix is None:
+      out_btnh = attend(q, key.astype(dtype), value.astype(dtype), mask_b1ts, scale,
+                        cfg.attn_logit_softcap)
+    else:
+      k_p, v_p, mask_p = prefix
+      out_btnh = attend_with_prefix(q, key.astype(dtype), value.astype(dtype), mask_b1ts,
+                                    k_p.astype(dtype), v_p.astype(dtype), mask_p, scale,
+                                    cfg.attn_logit_softcap)
     out = proj('o_proj', (n, h), (d,), ('heads', 'head_dim', 'embed'), cfg.o_bias)(out_btnh)
     return out, new_cache

@@ -474,22 +474,25 @@ class Block(nn.Module):
 
     Args:
       x_btd: the residual stream.
-      per_layer: (type_id int32[], (k, v) of this layer's cache [B, S, K, H] each, or None).
-      shared: (sin, cos float32[kinds, B, T, H], masks bool[kinds, B, 1, T, S], cache index).
+      per_layer: (type_id int32[], (k, v) of this layer's cache [B, S, K, H] each, or None,
+        (k, v) of this layer's shared prefix cache [B, P, K, H] each, or None).
+      shared: (sin, cos float32[kinds, B, T, H], masks bool[kinds, B, 1, T, S], cache index,
+        prefix masks bool[kinds, B, 1, T, P] or None).
 
     Returns:
       (x_btd, ((k, v) updated or None, x_btd if keep_hidden else None)).
     """
     cfg = self.config
-    type_id, kv = per_layer
-    sin, cos, masks, index = shared
+    type_id, kv, prefix_kv = per_layer
+    sin, cos, masks, index, prefix_masks = shared
     dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, cfg.norm_unit_offset, 'norm',
                                        dtype=dtype, param_dtype=param_dtype, name=name)
     x_btd = nn.with_logical_constraint(x_btd, ('batch', 'length', 'embed'))
     kv_cache = None if kv is None else (kv[0], kv[1], index)
+    prefix = None if prefix_kv is None else (*prefix_kv, prefix_masks[type_id])
     h, kv = attention.Attention(cfg, self.lora, name='attn')(
-        norm('attn_norm')(x_btd), sin[type_id], cos[type_id], masks[type_id], kv_cache)
+        norm('attn_norm')(x_btd), sin[type_id], cos[type_id], masks[type_id], kv_cache, prefix)
     if cfg.sandwich_norm:
       h = norm('attn_out_norm')(h)
     x_btd = x_btd + h
@@ -509,7 +512,7 @@ class Transformer(nn.Module):
   lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x_btd, type_ids, kv, shared, keep_hidden: bool):
+  def __call__(self, x_btd, type_ids, kv, prefix_kv, shared, keep_hidden: bool):
     cfg = self.config
     block = Block
     if cfg.remat != 'none':
@@ -519,14 +522,15 @@ class Transformer(nn.Module):
                         in_axes=(0, nn.broadcast), length=cfg.num_layers,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
       x_btd, (new_kv, hidden) = scanned(cfg, self.lora, keep_hidden, name='layers')(
-          x_btd, (type_ids, kv), shared)
+          x_btd, (type_ids, kv, prefix_kv), shared)
       hidden = None if hidden is None else tuple(hidden[i] for i in range(cfg.num_layers))
       return x_btd, new_kv, hidden
     new_k, new_v, hidden = [], [], []
     for i in range(cfg.num_layers):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      layer_prefix = None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i])
       x_btd, (layer_kv, h) = block(cfg, self.lora, keep_hidden, name=f'layers_{i}')(
-          x_btd, (type_ids[i], layer_kv), shared)
+          x_btd, (type_ids[i], layer_kv, layer_prefix), shared)
       hidden.append(h)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
@@ -578,6 +582,7 @@ class Decoder(nn.Module):
 
   def __call__(self, tokens_bt: Array | None = None, *, embeds_btd: Array | None = None,
                positions_bt: Array | None = None, cache: dict[str, Array] | None = None,
+               prefix_cache: dict[str, Array] | None = None,
                return_hidden_states: bool = False) -> DecoderOutput:
     """Runs the decoder.
 
@@ -589,6 +594,9 @@ class Decoder(nn.Module):
         cache's fill level when a cache is given.
       cache: a KV cache from `init_cache`; the T new keys/values are written at its current
         index. The caller sizes it: writes past its end are clamped by XLA, not checked.
+      prefix_cache: a filled, read-only cache (e.g. a prefilled prompt) that the tokens also
+        attend to, besides `cache`; with `jax.vmap` over a group of samples and this argument
+        unbatched, the group shares the prefix without copying it.
       return_hidden_states: also return every layer's output.
 
     Returns:
@@ -623,11 +631,18 @@ class Decoder(nn.Module):
       cos.append(c)
       window = cfg.sliding_window if kind == SLIDING else None
       masks.append(attention.make_mask(positions_bt, k_pos, window))
-    shared = (jnp.stack(sin), jnp.stack(cos), jnp.stack(masks), index)
+    prefix_masks, prefix_kv = None, None
+    if prefix_cache is not None:
+      prefix_masks = jnp.stack([
+          attention.make_mask(positions_bt, prefix_cache['pos'],
+                              cfg.sliding_window if kind == SLIDING else None) for kind in kinds])
+      prefix_kv = (prefix_cache['k'], prefix_cache['v'])
+    shared = (jnp.stack(sin), jnp.stack(cos), jnp.stack(masks), index, prefix_masks)
     type_ids = jnp.asarray([kinds.index(k) for k in cfg.types], jnp.int32)
     kv = None if cache is None else (cache['k'], cache['v'])
 
-    x_out, new_kv, hidden = self.transformer(x, type_ids, kv, shared, return_hidden_states)
+    x_out, new_kv, hidden = self.transformer(x, type_ids, kv, prefix_kv, shared,
+                                             return_hidden_states)
     if cache is not None:
       cache = {**cache, 'k': new_kv[0], 'v': new_kv[1]}
     hidden_states = (x, *hidden) if return_hidden_states else None
