@@ -15,7 +15,7 @@ Batches (all numpy):
   'text_ids' int32[B, Lb]            target tokens + eos, pad_id after
   'text_mask' bool[B, Lb]
   'example_mask' bool[B]             False on rows that only fill up the last eval batch
-  'id' str[B]
+  'id' str[B], 'text' str[B]         the example ids and reference translations (host only)
 
 Training pipelines shuffle anew each epoch, shard by JAX process and have a checkpointable
 iterator (`iterator.get_state()` / `set_state()`); eval pipelines are ordered and yield every
@@ -205,6 +205,7 @@ def collate(examples: Sequence[Mapping[str, Any]], buckets: Buckets, pad_id: int
       'frame_mask': np.zeros((b, t), bool),
       'example_mask': np.arange(b) < n,
       'id': np.asarray([e['id'] for e in examples] + [''] * (b - n)),
+      'text': np.asarray([e.get('text', '') for e in examples] + [''] * (b - n)),
   }
   if 'frames' in first:
     batch['frames'] = np.zeros((b, t) + first['frames'].shape[1:], np.uint8)
@@ -226,6 +227,14 @@ def collate(examples: Sequence[Mapping[str, Any]], buckets: Buckets, pad_id: int
       batch['text_ids'][i, :len(e['text_ids'])] = e['text_ids']
       batch['text_mask'][i, :len(e['text_ids'])] = True
   return batch
+
+
+HOST_KEYS = ('id', 'text')
+
+
+def device_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The batch without its host-only string fields, ready for a jitted step."""
+  return {k: v for k, v in batch.items() if k not in HOST_KEYS}
 
 
 class SplitSource:

@@ -1,1 +1,1 @@
-"""Pure-functional flax.linen modules: layers, attention, decoders, vision encoder."""
+"""Pure-functional flax.linen modules: layers, attention, decoders, DINOv2, sign encoders, SLT."""

@@ -1,0 +1,1 @@
+"""Training: state, optimizers and one pure step function per stage."""
