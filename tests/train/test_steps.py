@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import jax
-import jax.numpy as jnp
 
 from rvlf_jax.data import pipeline
 from rvlf_jax.data.synthsign import SynthSign
