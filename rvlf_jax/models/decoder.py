@@ -610,6 +610,10 @@ class Decoder(nn.Module):
     else:
       x = embeds_btd.astype(layers.dtype_of(cfg.dtype))
     b, t = x.shape[:2]
+    if positions_bt is None and prefix_cache is not None:
+      # The default would restart at 0 (or at `cache`'s fill level), ignoring the prefix.
+      raise ValueError('With prefix_cache, pass positions_bt (the prefix ends at '
+                       "prefix_cache['pos'].max(axis=1)).")
     if positions_bt is None:
       start = 0 if cache is None else cache['index']
       positions_bt = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -198,3 +198,14 @@ def test_config_errors_are_clear():
     DecoderConfig.tiny('llama', qk_norm=True).to_hf_config()
   with pytest.raises(ValueError, match='exactly one'):
     Decoder(DecoderConfig.tiny('llama')).init(jax.random.key(0))
+
+
+def test_prefix_cache_needs_explicit_positions():
+  config = DecoderConfig.tiny('llama')
+  model = Decoder(config)
+  params = decoder.init_params(config, jax.random.key(0))
+  tokens = jnp.ones((1, 4), jnp.int32)
+  prefix = model.apply({'params': params}, tokens, cache=decoder.init_cache(config, 1, 4)).cache
+  with pytest.raises(ValueError, match='pass positions_bt'):
+    model.apply({'params': params}, tokens[:, :1], prefix_cache=prefix,
+                cache=decoder.init_cache(config, 1, 2))
