@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from rvlf_jax.eval import decoding
 from rvlf_jax.models import decoder
 
 Array = jax.Array
@@ -77,16 +78,6 @@ def sample_token(logits_bv: Array, key: Array, config: SamplingConfig) -> tuple[
   return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-def prefill(model: decoder.Decoder, params, prompt_embeds_bpd: Array, prompt_positions_bp: Array):
-  """Prefills the prompts once. Returns (prefix cache, logits of the next token [B, V])."""
-  b, p = prompt_positions_bp.shape
-  cache = decoder.init_cache(model.config, b, p)
-  out = model.apply({'params': params}, embeds_btd=prompt_embeds_bpd,
-                    positions_bt=prompt_positions_bp, cache=cache)
-  last = jnp.argmax(prompt_positions_bp, axis=1)  # the last valid prompt token, whatever padding
-  return out.cache, out.logits[jnp.arange(b), last]
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'group_size', 'config', 'eos_id', 'pad_id'))
 def sample_group(model: decoder.Decoder, params, prompt_embeds_bpd: Array,
                  prompt_positions_bp: Array, rng: Array, *, group_size: int,
@@ -110,7 +101,8 @@ def sample_group(model: decoder.Decoder, params, prompt_embeds_bpd: Array,
   """
   b = prompt_positions_bp.shape[0]
   n = config.max_new_tokens
-  prefix_cache, first_logits = prefill(model, params, prompt_embeds_bpd, prompt_positions_bp)
+  prefix_cache, first_logits = decoding.prefill(model, params, prompt_embeds_bpd,
+                                                 prompt_positions_bp)
   next_pos = prompt_positions_bp.max(axis=1) + 1
   keys = jax.random.split(rng, group_size)
 
