@@ -41,19 +41,24 @@ def run(step, state, batch, steps):
   return state, losses
 
 
-def test_sft_step_with_lora_reduces_loss_and_freezes_the_base(data):
-  tokenizer, batch, prompt = data
-  config = slt.SLTConfig(
-      slt.SignEncoderConfig.tiny(skeleton_only=True),
-      decoder.DecoderConfig.tiny('qwen3', vocab_size=tokenizer.vocab_size),
-      LoraConfig(rank=4))
+def lora_translator(family, vocab_size, trained_mask, learning_rate):
+  """A tiny skeleton-only translator with LoRA, its optimizer and a state split by the mask."""
+  config = slt.SLTConfig(slt.SignEncoderConfig.tiny(skeleton_only=True),
+                         decoder.DecoderConfig.tiny(family, vocab_size=vocab_size),
+                         LoraConfig(rank=4))
   model = slt.SLTModel(config)
   params = model.init_params(jax.random.key(0))
-  mask = sft.trained_mask(params, lora=True)
-  trained, frozen = params_lib.partition(params, mask)
-  tx = optimizers.make_optimizer(optimizers.OptimizerConfig(learning_rate=3e-3, warmup_steps=0,
-                                                            total_steps=100))
-  state = state_lib.create(trained, tx, frozen=frozen)
+  trained, frozen = params_lib.partition(params, trained_mask(params))
+  tx = optimizers.make_optimizer(optimizers.OptimizerConfig(
+      learning_rate=learning_rate, warmup_steps=0, total_steps=100))
+  return model, tx, state_lib.create(trained, tx, frozen=frozen)
+
+
+def test_sft_step_with_lora_reduces_loss_and_freezes_the_base(data):
+  tokenizer, batch, prompt = data
+  model, tx, state = lora_translator(
+      'qwen3', tokenizer.vocab_size, lambda p: sft.trained_mask(p, lora=True), 3e-3)
+  frozen = state.frozen
   state, losses = run(sft.make_step(model, tx, prompt), state, batch, 12)
   assert losses[-1] < 0.8 * losses[0], losses
   assert int(state.step) == 12
@@ -79,19 +84,10 @@ def test_represent_step_reduces_loss(data):
   assert all(np.isfinite(losses))
 
 
-def test_grpo_step_updates_only_adapters_from_group_rewards(data, tmp_path):
+def test_grpo_step_updates_only_adapters_from_group_rewards(data):
   tokenizer, batch, prompt = data
   host_batch = {**batch, 'text': np.asarray(['you go home today'] * len(batch['text_ids']))}
-  config = slt.SLTConfig(
-      slt.SignEncoderConfig.tiny(skeleton_only=True),
-      decoder.DecoderConfig.tiny('llama', vocab_size=tokenizer.vocab_size),
-      LoraConfig(rank=4))
-  model = slt.SLTModel(config)
-  params = model.init_params(jax.random.key(0))
-  trained, frozen = params_lib.partition(params, grpo.trained_mask(params))
-  tx = optimizers.make_optimizer(optimizers.OptimizerConfig(learning_rate=1e-2, warmup_steps=0,
-                                                            total_steps=10))
-  state = state_lib.create(trained, tx, frozen=frozen)
+  model, tx, state = lora_translator('llama', tokenizer.vocab_size, grpo.trained_mask, 1e-2)
   before = jax.tree.map(np.asarray, state.params)
   # Length is a dense reward even for a random policy, so groups have spread and advantages.
   trainer = grpo.GRPOTrainer(model, tx, prompt, tokenizer, grpo.GRPOConfig(
