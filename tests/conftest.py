@@ -6,3 +6,18 @@ os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import atexit  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import shutil  # pylint: disable=g-import-not-at-top,g-bad-import-order
+import tempfile  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+import jax  # pylint: disable=g-import-not-at-top  (after the environment above)
+
+# A persistent compilation cache for the session: many tests compile the same programs (the
+# recipe's steps in several workdirs, the same tiny models in several files), and XLA CPU
+# compiles take seconds each; a hit takes ~0.1 s. Fresh per session, so no stale executables.
+_CACHE = tempfile.mkdtemp(prefix='rvlf-jax-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -30,6 +30,7 @@ import datetime
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -37,7 +38,6 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Config fields that change how, not what, the encoder computes.
 _RUNTIME_FIELDS = ('scan_layers', 'remat')
 _TMP_PREFIX = '.tmp-'
+_logger = logging.getLogger('rvlf_jax.data')
 
 
 class FeatureCacheError(DataError):
@@ -333,7 +334,7 @@ class _Progress:
     self.clips += 1
     self.frames += frames
     if self.clips % self.every == 0:
-      logging.info('%s', self.line())
+      _logger.info('%s', self.line())
 
   def line(self) -> str:
     elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -347,7 +348,7 @@ class _Progress:
     return text
 
   def done(self):
-    logging.info('%s (done in %.1f s)', self.line(), time.perf_counter() - self.start)
+    _logger.info('%s (done in %.1f s)', self.line(), time.perf_counter() - self.start)
 
 
 class _Writer:

@@ -1,0 +1,71 @@
+r"""Trains a sign language translator with the RVLF recipe.
+
+  python -m launch.train --config=configs/synthsign.py --workdir=/tmp/rvlf
+  python -m launch.train --config=configs/synthsign.py --workdir=/tmp/rvlf --stage=sft
+  python -m launch.train --config=configs/synthsign.py:skeleton_only --workdir=/tmp/rvlf-sk \
+      --config.seed=1 --config.sft.steps=3000
+
+--stage: 'all' (represent, sft, grpo), one stage, a comma-separated list, or 'control' (SFT
+continued from its best checkpoint for the GRPO stage's training time). A stage that is not the
+first needs the previous stage's checkpoint in the same workdir. Rerunning a command resumes it
+where it stopped. At the end the scores are printed as a table and written to
+WORKDIR/results.json.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from rvlf_jax.recipe import build
+from rvlf_jax.recipe import stages as stages_lib
+from rvlf_jax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/synthsign.py', 'Recipe config.')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Folder of the run (created; resumed if it exists).', required=True)
+_STAGE = flags.DEFINE_string('stage', 'all',
+                             "'all', or stages among represent,sft,grpo,control (comma-separated).")
+
+
+def parse_stages(value: str) -> tuple[str, ...]:
+  """'all' -> the recipe's stages; 'sft,grpo' -> ('sft', 'grpo'), in recipe order."""
+  if value == 'all':
+    return build.STAGES
+  names = tuple(s.strip() for s in value.split(',') if s.strip())
+  known = build.STAGES + ('control',)
+  for name in names:
+    if name not in known:
+      raise build.ConfigError(f'--stage: unknown stage {name!r}; use all or some of {known}.')
+  if not names:
+    raise build.ConfigError('--stage is empty.')
+  return tuple(s for s in known if s in names)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Our progress lines (loop, data layer) at INFO; libraries (orbax's per-save lines) at WARNING.
+  logging.set_verbosity(logging.WARNING)
+  ours = std_logging.getLogger('rvlf_jax')
+  ours.setLevel(std_logging.INFO)
+  handler = std_logging.StreamHandler(sys.stderr)
+  handler.setFormatter(std_logging.Formatter('%(asctime)s %(message)s', '%H:%M:%S'))
+  ours.addHandler(handler)
+  ours.propagate = False
+  from rvlf_jax.recipe import run  # pylint: disable=g-import-not-at-top  (after flag parsing)
+  try:
+    stages = parse_stages(_STAGE.value)
+    run.run(_CONFIG.value, _WORKDIR.value, stages,
+            log=lambda line: print(line, flush=True))
+  except (build.ConfigError, stages_lib.MissingCheckpointError) as e:
+    sys.exit(f'launch.train: {e}')
+  except loop.NonFiniteLossError as e:
+    sys.exit(f'launch.train: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

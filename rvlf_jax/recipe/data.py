@@ -1,0 +1,224 @@
+"""The recipe's data: dataset, tokenizer, frame features and pipelines, prepared under a workdir.
+
+`prepare(config, workdir)` makes (or reuses) everything a run reads and returns a `Data`:
+  WORKDIR/data/synthsign/   the generated SynthSign cache (unless data.root names one)
+  WORKDIR/tokenizer/        spm.model, trained on the train split's translations
+  WORKDIR/dinov2/           the frozen frame encoder as a HuggingFace folder
+  WORKDIR/features/         its per-frame features of every clip (`data.features`)
+Each step is skipped when its output is already there, so a resumed run prepares nothing twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from rvlf_jax.data import annotations, features, keypoints, pipeline, tokenizers
+from rvlf_jax.data.errors import DataError
+from rvlf_jax.data.synthsign import SynthSign
+from rvlf_jax.data.synthsign.describe import prepare as prepare_synthsign
+from rvlf_jax.hf import api as hf_api
+from rvlf_jax.models import vit
+from rvlf_jax.recipe import build
+
+SPLITS = ('train', 'dev', 'test')
+TOKENIZER_DIR, ENCODER_DIR, FEATURES_DIR = 'tokenizer', 'dinov2', 'features'
+
+
+@dataclasses.dataclass
+class Data:
+  """Everything the stages read.
+
+  Attributes:
+    tokenizer: the text tokenizer (the decoder's vocabulary).
+    featurizer: example -> model inputs (keypoints, visual features, text ids).
+    sources: split -> random-access examples.
+    texts: split -> the translations, for the tokenizer and the text-only pretraining.
+    visual_width: width of the 'visual' features, or None without the visual stream.
+    encoder_dir: the frame encoder's HF folder (None without the visual stream).
+    workers: grain worker processes.
+  """
+
+  tokenizer: tokenizers.Tokenizer
+  featurizer: pipeline.Featurizer
+  sources: dict[str, Sequence[Any]]
+  texts: dict[str, list[str]]
+  visual_width: int | None
+  encoder_dir: str | None
+  workers: int = 0
+
+  def train(self, batch_size: int, seed: int, report: pipeline.SkipReport | None = None):
+    """An endless, shuffled, checkpointable stream of training batches (this process's shard)."""
+    return pipeline.train_pipeline(self.sources['train'], self.featurizer, batch_size, seed=seed,
+                                   pad_id=self.tokenizer.pad_id, workers=self.workers,
+                                   report=report)
+
+  def eval(self, split: str, batch_size: int, limit: int | None = None):
+    """Every example of `split` (its first `limit`) once, in order, in padded batches."""
+    source = self.sources[split]
+    if limit is not None and limit < len(source):
+      source = _Head(source, limit)
+    return pipeline.eval_pipeline(source, self.featurizer, batch_size,
+                                  pad_id=self.tokenizer.pad_id)
+
+
+class _Head:
+  """The first n examples of a source."""
+
+  def __init__(self, source: Sequence[Any], n: int):
+    self.source, self.n = source, n
+
+  def __len__(self) -> int:
+    return self.n
+
+  def __getitem__(self, index: int):
+    if not 0 <= index < self.n:
+      raise IndexError(index)
+    return self.source[index]
+
+
+def synthsign_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.root or os.path.join(workdir, 'data', 'synthsign')
+
+
+def _synthsign(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None]):
+  root = synthsign_dir(config, workdir)
+  if not os.path.exists(os.path.join(root, 'meta.json')):
+    if config.data.root:
+      raise DataError(f'data.root={root}: no SynthSign cache there (meta.json missing); '
+                      'generate one with python -m launch.synthsign, or leave data.root empty.')
+    log(f'generating SynthSign {config.data.size!r} into {root}')
+    prepare_synthsign(config.data.size, root, seed=0, describe_too=False)
+  ds = SynthSign.load(root)
+  if ds.config.size != config.data.size:
+    raise DataError(f'{root} holds SynthSign {ds.config.size!r}, the config asks for '
+                    f'{config.data.size!r}.')
+  sources = {s: pipeline.SplitSource(ds, s) for s in SPLITS}
+  texts = {s: [ds.example_text(s, i) for i in range(ds.num_examples(s))] for s in SPLITS}
+
+  def clips():
+    for split in SPLITS:
+      for i in range(ds.num_examples(split)):
+        example = ds.example(split, i, frames=True)
+        yield example['id'], example['frames']
+
+  num_clips = sum(ds.num_examples(s) for s in SPLITS)
+  return sources, texts, clips, num_clips
+
+
+def _real(config: ml_collections.ConfigDict):
+  """Sources of PHOENIX-2014T / CSL-Daily / How2Sign / OpenASL annotations with pose files."""
+  d = config.data
+  if not d.root or not d.annotations or not d.pose_pattern:
+    raise build.ConfigError(f'data.dataset={d.dataset!r} needs data.root, data.annotations and '
+                            'data.pose_pattern (see the config file\'s docstring).')
+  under = lambda name: os.path.join(d.root, name)
+  names = dict(zip(SPLITS, d.splits))
+  records = {}
+  for split, name in names.items():
+    path = under(d.annotations.format(split=name))
+    if d.dataset == 'phoenix':
+      rows, _ = annotations.read_phoenix(path, split=split, strict=d.strict)
+    elif d.dataset == 'how2sign':
+      rows, _ = annotations.read_how2sign(path, split=split, strict=d.strict)
+    elif d.dataset == 'csl_daily':
+      rows, _ = annotations.read_csl_daily(path, under(d.split_file), splits=(name,),
+                                           strict=d.strict)
+    else:
+      rows, _ = annotations.read_openasl(path, splits=(name,), strict=d.strict)
+    records[split] = rows
+  pattern = under(d.pose_pattern)
+  sources = {s: pipeline.PoseFileSource(r, pattern, strict=d.strict) for s, r in records.items()}
+  texts = {s: [r.text for r in rs] for s, rs in records.items()}
+  size = int(config.visual.image_size)
+
+  def clips():
+    for split in SPLITS:
+      yield from pipeline.annotation_clips(records[split], size=size, strict=d.strict)
+
+  return sources, texts, clips, sum(len(r) for r in records.values())
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: str, train_texts: list[str],
+               log: Callable[[str], None]) -> tokenizers.Tokenizer:
+  kind = config.tokenizer.kind
+  if kind == 'hf':
+    path = config.model.decoder.hf_path
+    if not path:
+      raise build.ConfigError("tokenizer.kind='hf' reads the decoder's tokenizer: set "
+                              'model.decoder.hf_path.')
+    return tokenizers.HFTokenizer.load(path)
+  if kind != 'sentencepiece':
+    raise build.ConfigError(f"tokenizer.kind must be 'sentencepiece' or 'hf', got {kind!r}.")
+  path = os.path.join(workdir, TOKENIZER_DIR, 'spm.model')
+  if os.path.exists(path):
+    return tokenizers.SentencePieceTokenizer.load(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  log(f'training a {config.tokenizer.vocab_size}-piece sentencepiece model -> {path}')
+  return tokenizers.SentencePieceTokenizer.train(train_texts, config.tokenizer.vocab_size, path)
+
+
+def frame_encoder(config: ml_collections.ConfigDict, workdir: str,
+                  log: Callable[[str], None]) -> tuple[str, vit.VitConfig, Any]:
+  """(HF folder, config, params) of the frozen frame encoder.
+
+  visual.hf_path is read as it is; otherwise a DINOv2 of the configured sizes is initialised
+  from the run's seed and written to WORKDIR/dinov2 in HF format (no pretrained weights exist on
+  this machine, so its features are random projections of the frames).
+  """
+  if config.visual.hf_path:
+    cfg, params = hf_api.load_hf(config.visual.hf_path)
+    return config.visual.hf_path, cfg, params
+  path = os.path.join(workdir, ENCODER_DIR)
+  cfg = build.vit_config(config)
+  if os.path.exists(os.path.join(path, 'config.json')):
+    saved, params = hf_api.load_hf(path)
+    return path, saved, params
+  log(f'initialising a random {cfg.num_layers}-layer, {cfg.hidden_size}-wide DINOv2 -> {path}')
+  model = vit.VisionTransformer(cfg)
+  image = np.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), np.float32)
+  params = jax.jit(lambda key: nn.meta.unbox(model.init(key, image)['params']))(
+      jax.random.key(config.seed + 7919))
+  hf_api.save_hf(cfg, params, path)
+  saved, params = hf_api.load_hf(path)
+  return path, saved, params
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str,
+            log: Callable[[str], None] = logging.info) -> Data:
+  """Makes or reuses the dataset, tokenizer and feature cache of a run; see the module doc."""
+  os.makedirs(workdir, exist_ok=True)
+  if config.data.dataset == 'synthsign':
+    sources, texts, clips, num_clips = _synthsign(config, workdir, log)
+  else:
+    sources, texts, clips, num_clips = _real(config)
+  tokenizer = _tokenizer(config, workdir, texts['train'], log)
+  cache, encoder_dir, visual_width = None, None, None
+  if config.visual.enabled:
+    encoder_dir, encoder_cfg, encoder_params = frame_encoder(config, workdir, log)
+    out = config.visual.cache or os.path.join(workdir, FEATURES_DIR)
+    log(f'frame features of {num_clips} clips -> {out}')
+    cache = features.build_feature_cache(
+        clips(), encoder_cfg, encoder_params, out, batch_frames=config.visual.batch_frames,
+        pooling=tuple(config.visual.feature_keys), image_size=int(config.visual.image_size),
+        encoder_name=encoder_dir, num_clips=num_clips)
+    visual_width = build.visual_dim(config, encoder_cfg.hidden_size)
+  joints = None
+  if config.data.joints:
+    joints = tuple(keypoints.SUBSETS[config.data.joints].indices)
+  featurizer = pipeline.Featurizer(
+      tokenizer=tokenizer,
+      buckets=pipeline.Buckets(frames=tuple(config.data.frame_buckets),
+                               tokens=tuple(config.data.token_buckets)),
+      feature_cache=cache, feature_keys=tuple(config.visual.feature_keys), joints=joints,
+      normalize=functools.partial(keypoints.normalize, strict=False), strict=config.data.strict)
+  return Data(tokenizer, featurizer, sources, texts, visual_width, encoder_dir,
+              workers=config.data.workers)

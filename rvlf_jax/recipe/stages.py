@@ -1,0 +1,278 @@
+"""The three RVLF stages wired on `train.loop.run_stage`, plus their evaluations.
+
+Each stage function builds its model from the config, starts from what the stage before it saved
+(`restore_*`), trains with `run_stage` (which resumes, checkpoints and logs) and returns its
+result. The stages' checkpoints are the only hand-over between them, so `--stage=sft` after an
+earlier `--stage=represent` run computes exactly what `--stage=all` would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rvlf_jax.data import pipeline
+from rvlf_jax.eval import evaluate as evaluate_lib
+from rvlf_jax.models import lora as lora_lib
+from rvlf_jax.models import slt
+from rvlf_jax.models.decoder import DecoderConfig
+from rvlf_jax.recipe import build
+from rvlf_jax.recipe.data import Data
+from rvlf_jax.train import grpo as grpo_lib
+from rvlf_jax.train import loop, optimizers, represent, sft
+from rvlf_jax.train import params as params_lib
+from rvlf_jax.train import state as state_lib
+
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage reads.
+
+  Attributes:
+    config: the recipe config.
+    workdir: the run's folder.
+    data: tokenizer, featurizer and sources.
+    decoder: the pretrained decoder's config and parameters (the LLM the SFT stage tunes).
+    prompt: the instruction around the sign tokens.
+    log: progress lines.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  data: Data
+  decoder: tuple[DecoderConfig, Any]
+  prompt: slt.Prompt
+  log: Log = print
+
+  @property
+  def seed(self) -> int:
+    return int(self.config.seed)
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """A stage was asked to start from a stage that has not been run in this workdir."""
+
+
+def prompt_for(data: Data, language: str) -> slt.Prompt:
+  from rvlf_jax.data.tokenizers import PromptTemplate  # pylint: disable=g-import-not-at-top
+  ids = PromptTemplate().prompt(data.tokenizer, language)
+  return slt.Prompt(np.asarray(ids.before, np.int32), np.asarray(ids.after, np.int32))
+
+
+def _stage_kwargs(section: ml_collections.ConfigDict, config: ml_collections.ConfigDict):
+  return dict(num_steps=int(section.steps), seed=int(config.seed),
+              checkpoint_every=int(section.checkpoint_every), keep=int(config.checkpoint.keep),
+              log_every=int(section.log_every))
+
+
+def _on_device(step: Callable) -> Callable:
+  """A jitted step fed pipeline batches: the host-only fields ('id', 'text') are dropped."""
+  return lambda state, batch, rng: step(state, pipeline.device_batch(batch), rng)
+
+
+def require(workdir: str, stage: str, needed_by: str) -> None:
+  if not os.path.isdir(os.path.join(workdir, stage, loop.CHECKPOINTS_DIR)):
+    raise MissingCheckpointError(
+        f'{os.path.join(workdir, stage)}: no {stage!r} checkpoint, which stage {needed_by!r} '
+        f'starts from; run --stage={stage} (or --stage=all) in this workdir first.')
+
+
+# -- Stage 1 -------------------------------------------------------------------------------------
+
+
+def aligner(ctx: Context) -> slt.SignTextAligner:
+  return slt.SignTextAligner(build.aligner_config(ctx.config, ctx.decoder[0],
+                                                  ctx.data.visual_width))
+
+
+def _represent_init(ctx: Context):
+  model = aligner(ctx)
+  tx = optimizers.make_optimizer(build.optimizer_config(ctx.config, 'represent'))
+  return model, tx, lambda: state_lib.create(model.init_params(jax.random.key(ctx.seed)), tx)
+
+
+def run_represent(ctx: Context) -> tuple[Any, loop.History]:
+  """Stage 1: returns (the sign encoder's parameters, history)."""
+  cfg = ctx.config.represent
+  model, tx, init = _represent_init(ctx)
+  step = _on_device(jax.jit(represent.make_step(model, tx), donate_argnums=0))
+  state, history = loop.run_stage(
+      'represent', init, step, lambda: ctx.data.train(int(cfg.batch_size), ctx.seed),
+      ctx.workdir, **_stage_kwargs(cfg, ctx.config))
+  return state.params['sign_encoder'], history
+
+
+def restore_represent(ctx: Context, needed_by: str) -> Any:
+  require(ctx.workdir, 'represent', needed_by)
+  _, _, init = _represent_init(ctx)
+  return loop.restore_state(ctx.workdir, 'represent', init, 'latest').params['sign_encoder']
+
+
+# -- Stage 2 -------------------------------------------------------------------------------------
+
+
+def sft_model(ctx: Context) -> slt.SLTModel:
+  decoder_cfg = ctx.decoder[0]
+  return slt.SLTModel(build.slt_config(ctx.config, decoder_cfg, ctx.data.visual_width,
+                                       build.lora_config(ctx.config)))
+
+
+def _sft_init(ctx: Context, sign_params: Any | None):
+  """(model, tx, init()): random sign encoder and projector (the sign encoder replaced by stage
+  1's when given), the pretrained decoder, fresh adapters when LoRA is on."""
+  model = sft_model(ctx)
+  lora = ctx.config.sft.lora
+  tx = optimizers.make_optimizer(build.optimizer_config(ctx.config, 'sft'))
+
+  def init():
+    params = model.init_params(jax.random.key(ctx.seed))
+    params['decoder'] = lora_lib.add_adapters(ctx.decoder[1], params['decoder'])
+    if sign_params is not None:
+      params['sign_encoder'] = sign_params
+    trained, frozen = params_lib.partition(params, sft.trained_mask(params, lora=lora))
+    return state_lib.create(trained, tx, frozen=frozen)
+
+  return model, tx, init
+
+
+def _dev_eval(ctx: Context, model: slt.SLTModel, section: ml_collections.ConfigDict):
+  """eval_fn(state) -> dev scores of greedy translations of the first eval_examples."""
+  batches = lambda: ctx.data.eval('dev', int(ctx.config.eval.batch_size),
+                                  int(section.eval_examples))
+
+  def eval_fn(state):
+    return translate_scores(ctx, model, params_lib.merge(state.params, state.frozen), batches(),
+                            decode='greedy')
+
+  return eval_fn
+
+
+def run_sft(ctx: Context, sign_params: Any | None) -> tuple[slt.SLTModel, Any, loop.History]:
+  """Stage 2: returns (model, the best state's full parameters, history)."""
+  cfg = ctx.config.sft
+  model, tx, init = _sft_init(ctx, sign_params)
+  step = _on_device(jax.jit(sft.make_step(model, tx, ctx.prompt), donate_argnums=0))
+  state, history = loop.run_stage(
+      'sft', init, step, lambda: ctx.data.train(int(cfg.batch_size), ctx.seed), ctx.workdir,
+      eval_fn=_dev_eval(ctx, model, cfg), eval_every=int(cfg.eval_every), best_metric='bleu4',
+      early_stopping_patience=int(cfg.patience) or None, **_stage_kwargs(cfg, ctx.config))
+  return model, params_lib.merge(state.params, state.frozen), history
+
+
+def restore_sft(ctx: Context, needed_by: str, which: str = 'best'
+                ) -> tuple[slt.SLTModel, state_lib.TrainState]:
+  require(ctx.workdir, 'sft', needed_by)
+  model, _, init = _sft_init(ctx, None)
+  return model, loop.restore_state(ctx.workdir, 'sft', init, which)
+
+
+def run_control(ctx: Context, seconds: float) -> tuple[slt.SLTModel, Any, loop.History]:
+  """SFT continued from its best checkpoint for `seconds` of training (the GRPO stage's wall
+  time): the control that tells GRPO's gain from more training."""
+  cfg = ctx.config.sft
+  model, best = restore_sft(ctx, 'control')
+  tx = optimizers.make_optimizer(build.optimizer_config(ctx.config, 'sft'))
+  step = _on_device(jax.jit(sft.make_step(model, tx, ctx.prompt), donate_argnums=0))
+  kwargs = _stage_kwargs(cfg, ctx.config)
+  kwargs['num_steps'] = 10 * kwargs['num_steps']  # the time limit ends it
+  state, history = loop.run_stage(
+      'control', lambda: best, step, lambda: ctx.data.train(int(cfg.batch_size), ctx.seed + 1),
+      ctx.workdir, time_limit_s=seconds, return_best=False, **kwargs)
+  return model, params_lib.merge(state.params, state.frozen), history
+
+
+# -- Stage 3 -------------------------------------------------------------------------------------
+
+
+def grpo_model(ctx: Context) -> slt.SLTModel:
+  return slt.SLTModel(build.slt_config(ctx.config, ctx.decoder[0], ctx.data.visual_width,
+                                       build.grpo_lora(ctx.config)))
+
+
+def merged_sft_params(ctx: Context, sft_params: Any) -> Any:
+  """The SFT translator with its adapters folded into the decoder's kernels."""
+  lora = build.lora_config(ctx.config)
+  if lora is None:
+    return sft_params
+  return {**sft_params, 'decoder': lora_lib.merge(sft_params['decoder'], lora)}
+
+
+def _grpo_init(ctx: Context, sft_params: Any | None):
+  model = grpo_model(ctx)
+  tx = optimizers.make_optimizer(build.optimizer_config(ctx.config, 'grpo'))
+
+  def init():
+    params = model.init_params(jax.random.key(ctx.seed + 1))
+    if sft_params is not None:
+      merged = merged_sft_params(ctx, sft_params)
+      params = {**merged, 'decoder': lora_lib.add_adapters(merged['decoder'],
+                                                           params['decoder'])}
+    trained, frozen = params_lib.partition(params, grpo_lib.trained_mask(params))
+    return state_lib.create(trained, tx, frozen=frozen)
+
+  return model, tx, init
+
+
+def run_grpo(ctx: Context, sft_params: Any) -> tuple[slt.SLTModel, Any, loop.History]:
+  """Stage 3 from the SFT translator: returns (model, best full parameters, history)."""
+  cfg = ctx.config.grpo
+  model, tx, init = _grpo_init(ctx, sft_params)
+  trainer = grpo_lib.GRPOTrainer(model, tx, ctx.prompt, ctx.data.tokenizer,
+                                 build.grpo_config(ctx.config))
+  state, history = loop.run_stage(
+      'grpo', init, trainer.step, lambda: ctx.data.train(int(cfg.batch_size), ctx.seed + 2),
+      ctx.workdir, eval_fn=_dev_eval(ctx, model, cfg), eval_every=int(cfg.eval_every),
+      best_metric='bleu4', **_stage_kwargs(cfg, ctx.config))
+  return model, params_lib.merge(state.params, state.frozen), history
+
+
+def restore_grpo(ctx: Context, which: str = 'best') -> tuple[slt.SLTModel, Any]:
+  require(ctx.workdir, 'grpo', 'evaluation')
+  model, _, init = _grpo_init(ctx, None)
+  state = loop.restore_state(ctx.workdir, 'grpo', init, which)
+  return model, params_lib.merge(state.params, state.frozen)
+
+
+# -- Evaluation ----------------------------------------------------------------------------------
+
+
+def translate_scores(ctx: Context, model: slt.SLTModel, params: Any, batches, *,
+                     decode: str | None = None, output_dir: str | None = None
+                     ) -> dict[str, float]:
+  e = ctx.config.eval
+  return evaluate_lib.evaluate(
+      model, params, batches, ctx.prompt, ctx.data.tokenizer, lang=ctx.config.data.lang,
+      decode=decode or e.decode, beam_size=int(e.beam_size), max_new_tokens=int(e.max_new_tokens),
+      length_penalty=float(e.length_penalty), output_dir=output_dir)
+
+
+def zero_sign_tokens(params: Any) -> Any:
+  """The same translator with every projected sign token zero (the projector's output layer
+  zeroed): what the decoder says from the prompt alone, its language prior."""
+  fc2 = params['projector']['fc2']
+  return {**params, 'projector': {**params['projector'],
+                                  'fc2': jax.tree.map(jnp.zeros_like, fc2)}}
+
+
+def score_splits(ctx: Context, model: slt.SLTModel, params: Any, name: str,
+                 splits: tuple[str, ...] = ('dev', 'test')) -> dict[str, dict[str, float]]:
+  """{split: scores} of the full splits; hypotheses written to WORKDIR/eval/<name>/<split>/."""
+  out = {}
+  for split in splits:
+    start = time.perf_counter()
+    folder = os.path.join(ctx.workdir, 'eval', name, split)
+    out[split] = translate_scores(
+        ctx, model, params, ctx.data.eval(split, int(ctx.config.eval.batch_size)),
+        output_dir=folder)
+    ctx.log(f'{name} {split}: ' + ' '.join(f'{k}={v:.2f}' for k, v in out[split].items())
+            + f' ({time.perf_counter() - start:.0f} s)')
+  return out

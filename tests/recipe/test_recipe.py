@@ -1,0 +1,200 @@
+"""The recipe end to end on the tiny SynthSign: outputs, resume, bad configs, NaN stop."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import synthsign
+from launch import train as train_launch
+from rvlf_jax.recipe import build, run
+from rvlf_jax.recipe import stages as stages_lib
+from rvlf_jax.train import loop
+
+METRICS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l')
+
+
+def test_results_json_has_every_score(tiny_run):
+  with open(os.path.join(tiny_run.workdir, run.RESULTS_FILE)) as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(tiny_run.results))
+  for name in ('sft', 'grpo', 'sft_zero_sign'):
+    for split in ('dev', 'test'):
+      scores = saved[name][split]
+      assert set(METRICS) <= set(scores)
+      assert all(0.0 <= scores[m] <= 100.0 for m in METRICS)
+  assert saved['sft']['stop_reason'] in ('num_steps', 'early_stopping')
+
+
+def test_the_table_is_printed(tiny_run):
+  table = tiny_run.log[-1]
+  header = table.strip().splitlines()[0].split()
+  assert header == ['model', 'split', *METRICS]
+  rows = [line.split()[:2] for line in table.strip().splitlines()[2:]]
+  assert ['sft', 'test'] in rows and ['grpo', 'test'] in rows
+  # The printed numbers are results.json's, rounded.
+  grpo_test = next(line.split() for line in table.strip().splitlines()[2:]
+                   if line.split()[:2] == ['grpo', 'test'])
+  assert float(grpo_test[5]) == pytest.approx(tiny_run.results['grpo']['test']['bleu4'], abs=0.01)
+
+
+def test_workdir_holds_every_stage_and_its_logs(tiny_run):
+  wd = tiny_run.workdir
+  for stage in ('represent', 'sft', 'grpo'):
+    assert os.path.isdir(os.path.join(wd, stage, loop.CHECKPOINTS_DIR))
+    assert os.path.exists(os.path.join(wd, stage, 'metrics.jsonl'))
+    assert os.path.exists(os.path.join(wd, stage, 'done.json'))
+    assert any(name.endswith('.png') for name in os.listdir(os.path.join(wd, stage, 'plots')))
+  # The decoder came from text-only pretraining, as an HF folder.
+  assert os.path.exists(os.path.join(wd, run.DECODER_DIR, 'config.json'))
+  with open(os.path.join(wd, run.CONFIG_FILE)) as f:
+    assert build.from_json(f.read()).to_dict() == tiny_run.config.to_dict()
+  # Dev evaluations during SFT and GRPO, and the hypotheses of every scored split.
+  for stage in ('sft', 'grpo'):
+    with open(os.path.join(wd, stage, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    assert any(r.get('split') == 'eval' and 'bleu4' in r for r in records)
+  hyps = os.path.join(wd, 'eval', 'grpo', 'test', 'hyps.txt')
+  with open(hyps) as f:
+    assert len(f.read().splitlines()) == 12  # tiny test split
+
+
+def test_zero_sign_tokens_zero_the_projection():
+  params = {'projector': {'fc1': {'kernel': jnp.ones((2, 3))},
+                          'fc2': {'kernel': jnp.ones((3, 4)), 'bias': jnp.ones((4,))}},
+            'decoder': {'w': jnp.ones(2)}}
+  zeroed = stages_lib.zero_sign_tokens(params)
+  assert not np.any(zeroed['projector']['fc2']['kernel'])
+  assert not np.any(zeroed['projector']['fc2']['bias'])
+  assert np.all(zeroed['projector']['fc1']['kernel'] == 1)
+  assert zeroed['decoder'] is params['decoder']
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_resume_after_interruption_reproduces_the_run(tiny_run, tmp_path, monkeypatch):
+  """SFT killed after its step-4 checkpoint, then rerun: same metrics as the uninterrupted run."""
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(tiny_run.workdir, workdir,
+                  ignore=shutil.ignore_patterns('sft', 'grpo', 'eval', 'results.json'))
+  real_run_stage = loop.run_stage
+
+  def interrupted(stage, *args, **kwargs):
+    def stop(step, state, metrics):
+      if step == 5:
+        raise _Interrupt(f'killed at step {step}')
+    return real_run_stage(stage, *args, **{**kwargs, 'callbacks': (stop,)})
+
+  monkeypatch.setattr(stages_lib.loop, 'run_stage', interrupted)
+  with pytest.raises(_Interrupt):
+    run.run(tiny_run.config, workdir, ('sft',), log=lambda line: None)
+  monkeypatch.undo()
+  results = run.run(tiny_run.config, workdir, ('sft',), log=lambda line: None)
+  assert results['sft'] == tiny_run.results['sft']
+
+  def train_records(root):
+    with open(os.path.join(root, 'sft', 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+    # Loss and accuracy only: timings differ between runs.
+    return {(r['split'], r['step']): {k: r[k] for k in ('loss', 'accuracy', 'bleu4') if k in r}
+            for r in records}
+
+  assert train_records(workdir) == train_records(tiny_run.workdir)
+
+
+def test_a_finished_stage_is_not_trained_again(tiny_run, tmp_path):
+  workdir = str(tmp_path / 'again')
+  shutil.copytree(tiny_run.workdir, workdir, ignore=shutil.ignore_patterns('grpo', 'eval'))
+  before = os.path.getmtime(os.path.join(workdir, 'sft', 'metrics.jsonl'))
+  results = run.run(tiny_run.config, workdir, ('sft',), log=lambda line: None)
+  assert results['sft'] == tiny_run.results['sft']
+  assert os.path.getmtime(os.path.join(workdir, 'sft', 'metrics.jsonl')) == before
+
+
+# -- Bad input -----------------------------------------------------------------------------------
+
+
+def test_unknown_stage_is_refused():
+  with pytest.raises(build.ConfigError, match="unknown stage 'distill'"):
+    train_launch.parse_stages('sft,distill')
+  assert train_launch.parse_stages('grpo,sft') == ('sft', 'grpo')
+  assert train_launch.parse_stages('all') == build.STAGES
+
+
+def test_mesh_that_does_not_fit_the_devices_is_refused():
+  config = synthsign.get_config('tiny')
+  config.mesh.data = 3
+  with pytest.raises(build.ConfigError, match=r'needs 3 devices but 8 are present'):
+    build.check(config, stages=build.STAGES, num_devices=8)
+  config.mesh.update(data=-1, fsdp=3)
+  with pytest.raises(build.ConfigError, match=r'use 3 devices, which does not divide the 8'):
+    build.check(config, stages=build.STAGES, num_devices=8)
+
+
+def test_batch_not_divisible_by_the_data_axes_is_refused():
+  config = synthsign.get_config('tiny')
+  config.sft.batch_size = 12
+  with pytest.raises(build.ConfigError, match=r'sft.batch_size=12 is not divisible by .* 8 ways'):
+    build.check(config, stages=build.STAGES, num_devices=8)
+
+
+def test_bad_values_name_their_key():
+  config = synthsign.get_config('tiny')
+  config.model.skeleton.part_size = 3
+  with pytest.raises(build.ConfigError, match=r"model.skeleton: unknown key\(s\) \['part_size'\]"):
+    build.check(config, stages=build.STAGES, num_devices=1)
+  config = synthsign.get_config('tiny')
+  config.grpo.rewards = (('bleu', 0.5), ('meteor', 0.5))
+  with pytest.raises(build.ConfigError, match="grpo.rewards: unknown reward 'meteor'"):
+    build.check(config, stages=build.STAGES, num_devices=1)
+  with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    synthsign.get_config('huge')
+
+
+def test_missing_checkpoint_fails_before_any_work(tmp_path):
+  config = synthsign.get_config('tiny')
+  workdir = str(tmp_path / 'empty')
+  with pytest.raises(stages_lib.MissingCheckpointError, match=r"no 'sft' checkpoint.*'grpo'"):
+    run.run(config, workdir, ('grpo',), log=lambda line: None)
+  with pytest.raises(stages_lib.MissingCheckpointError, match=r"no 'represent' checkpoint"):
+    run.run(config, workdir, ('sft', 'grpo'), log=lambda line: None)
+  assert not os.path.exists(workdir)  # nothing was generated
+
+
+def test_a_changed_config_is_refused_in_the_same_workdir(tiny_run, tmp_path):
+  workdir = str(tmp_path / 'changed')
+  shutil.copytree(tiny_run.workdir, workdir, ignore=shutil.ignore_patterns('grpo', 'eval'))
+  config = synthsign.get_config('tiny')
+  config.model.decoder.num_layers = 2
+  with pytest.raises(build.ConfigError, match=r'model.decoder.num_layers differ'):
+    run.run(config, workdir, ('sft',), log=lambda line: None)
+
+
+def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path,
+                                                                     monkeypatch):
+  workdir = str(tmp_path / 'nan')
+  shutil.copytree(tiny_run.workdir, workdir,
+                  ignore=shutil.ignore_patterns('sft', 'grpo', 'eval', 'results.json'))
+  real_make_step = stages_lib.sft.make_step
+
+  def poisoned(model, tx, prompt):
+    step = real_make_step(model, tx, prompt)
+
+    def nan_after_five(state, batch, rng):
+      state, metrics = step(state, batch, rng)
+      bad = state.step > 5
+      return state, {**metrics, 'loss': jnp.where(bad, jnp.nan, metrics['loss'])}
+
+    return nan_after_five
+
+  monkeypatch.setattr(stages_lib.sft, 'make_step', poisoned)
+  with pytest.raises(loop.NonFiniteLossError, match=r"sft.*step 6"):
+    run.run(tiny_run.config, workdir, ('sft',), log=lambda line: None)
+  kept = sorted(int(name) for name in os.listdir(os.path.join(workdir, 'sft', 'checkpoints'))
+                if name.isdigit())
+  assert kept and max(kept) <= 5
