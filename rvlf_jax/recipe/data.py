@@ -147,23 +147,50 @@ def _real(config: ml_collections.ConfigDict):
   return sources, texts, clips, sum(len(r) for r in records.values())
 
 
-def _tokenizer(config: ml_collections.ConfigDict, workdir: str, train_texts: list[str],
-               log: Callable[[str], None]) -> tokenizers.Tokenizer:
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizers.Tokenizer:
+  """The run's tokenizer: WORKDIR/tokenizer/spm.model, or the decoder's for tokenizer.kind='hf'.
+
+  Unlike `recipe.data.prepare`, never trains one.
+  """
   kind = config.tokenizer.kind
   if kind == 'hf':
-    path = config.model.decoder.hf_path
-    if not path:
-      raise build.ConfigError("tokenizer.kind='hf' reads the decoder's tokenizer: set "
-                              'model.decoder.hf_path.')
-    return tokenizers.HFTokenizer.load(path)
+    if not config.model.decoder.hf_path:
+      raise build.ConfigError("tokenizer.kind='hf' reads the decoder's tokenizer, but "
+                              'model.decoder.hf_path is empty.')
+    return tokenizers.HFTokenizer.load(config.model.decoder.hf_path)
   if kind != 'sentencepiece':
     raise build.ConfigError(f"tokenizer.kind must be 'sentencepiece' or 'hf', got {kind!r}.")
   path = os.path.join(workdir, TOKENIZER_DIR, 'spm.model')
-  if os.path.exists(path):
-    return tokenizers.SentencePieceTokenizer.load(path)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  log(f'training a {config.tokenizer.vocab_size}-piece sentencepiece model -> {path}')
-  return tokenizers.SentencePieceTokenizer.train(train_texts, config.tokenizer.vocab_size, path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: missing; the workdir {workdir} has no tokenizer (the run '
+                            'stopped before preparing its data?).')
+  return tokenizers.SentencePieceTokenizer.load(path)
+
+
+def featurizer(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | None,
+               feature_cache: Any = None) -> pipeline.Featurizer:
+  """The recipe's Featurizer (as `recipe.data.prepare` builds it) with the given cache."""
+  joints = None
+  if config.data.joints:
+    joints = tuple(keypoints.SUBSETS[config.data.joints].indices)
+  return pipeline.Featurizer(
+      tokenizer=tokenizer,
+      buckets=pipeline.Buckets(frames=tuple(config.data.frame_buckets),
+                               tokens=tuple(config.data.token_buckets)),
+      feature_cache=feature_cache, feature_keys=tuple(config.visual.feature_keys), joints=joints,
+      normalize=functools.partial(keypoints.normalize, strict=False),
+      strict=bool(config.data.strict))
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: str, train_texts: list[str],
+               log: Callable[[str], None]) -> tokenizers.Tokenizer:
+  """The run's tokenizer, trained on the train split's translations the first time."""
+  path = os.path.join(workdir, TOKENIZER_DIR, 'spm.model')
+  if config.tokenizer.kind == 'sentencepiece' and not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    log(f'training a {config.tokenizer.vocab_size}-piece sentencepiece model -> {path}')
+    return tokenizers.SentencePieceTokenizer.train(train_texts, config.tokenizer.vocab_size, path)
+  return load_tokenizer(config, workdir)
 
 
 def frame_encoder(config: ml_collections.ConfigDict, workdir: str,
@@ -211,14 +238,5 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
         pooling=tuple(config.visual.feature_keys), image_size=int(config.visual.image_size),
         encoder_name=encoder_dir, num_clips=num_clips)
     visual_width = build.visual_dim(config, encoder_cfg.hidden_size)
-  joints = None
-  if config.data.joints:
-    joints = tuple(keypoints.SUBSETS[config.data.joints].indices)
-  featurizer = pipeline.Featurizer(
-      tokenizer=tokenizer,
-      buckets=pipeline.Buckets(frames=tuple(config.data.frame_buckets),
-                               tokens=tuple(config.data.token_buckets)),
-      feature_cache=cache, feature_keys=tuple(config.visual.feature_keys), joints=joints,
-      normalize=functools.partial(keypoints.normalize, strict=False), strict=config.data.strict)
-  return Data(tokenizer, featurizer, sources, texts, visual_width, encoder_dir,
-              workers=config.data.workers)
+  return Data(tokenizer, featurizer(config, tokenizer, cache), sources, texts, visual_width,
+              encoder_dir, workers=config.data.workers)

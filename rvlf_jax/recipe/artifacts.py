@@ -1,0 +1,711 @@
+"""A trained translator read back from its workdir: translating one clip, scoring, exporting.
+
+    translator = load_translator('/tmp/rvlf')               # GRPO's best if trained, else SFT's
+    text = translate_clip(translator, pose='clip.pose', frames='clip_frames/')
+    export(translator, '/tmp/rvlf-export')                   # HF decoder, DINOv2, sign encoder
+
+`load_translator` reads only what a finished run left in its workdir (see `recipe.run`):
+config.json, the tokenizer, the config of the decoder (WORKDIR/decoder or model.decoder.hf_path)
+and of the frame encoder (WORKDIR/dinov2 or visual.hf_path), and the stage's checkpoint, which
+holds every parameter of the translator, the frozen decoder included. It generates no data,
+trains no tokenizer and builds no feature cache; the decoder's weights are not even read, since
+the checkpoint has them (only the shapes are needed to restore it).
+
+One clip becomes a batch exactly as the pipeline makes one: keypoints from a pose file go
+through `poses.load_pose` and `keypoints.to_wholebody` (as `PoseFileSource` reads real data),
+frames through `video.load_frames` and the frozen encoder with the feature cache's
+preprocessing (`features.build_feature_cache`'s resize, ImageNet statistics and float16
+storage), then the recipe's `Featurizer` (joints, normalisation, frame buckets) and `collate`.
+We ship no pose estimator: a model that reads keypoints needs a pose file.
+
+`export` writes a folder other code can use without rvlf_jax's training stack:
+  decoder/                  the decoder with its LoRA adapters merged, an HF folder
+                            (`transformers.AutoModelForCausalLM` / `AutoTokenizer` load it)
+  dinov2/                   the frozen frame encoder, an HF folder (when the model uses frames)
+  sign_encoder.safetensors  sign encoder + projector weights, names like
+                            'sign_encoder/skeleton/parts/fc1_kernel' (the parameter tree's path)
+  sign_config.json          the sign encoder's config, the projector's sizes, the prompt and
+                            tokenizer ids, the input preprocessing and the decoding settings
+  README.md                 how to load each part
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, NamedTuple
+
+from absl import logging
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rvlf_jax.data import features, keypoints, pipeline, poses, tokenizers, video
+from rvlf_jax.eval import evaluate as evaluate_lib
+from rvlf_jax.hf import api as hf_api
+from rvlf_jax.hf import io as hf_io
+from rvlf_jax.hf.convert import ConversionError
+from rvlf_jax.models import lora as lora_lib
+from rvlf_jax.models import slt, vit
+from rvlf_jax.recipe import build, run
+from rvlf_jax.recipe import data as data_lib
+from rvlf_jax.recipe import stages as stages_lib
+from rvlf_jax.train import loop
+from rvlf_jax.train import params as params_lib
+
+Log = Callable[[str], None]
+# Translator stages, in the order `load_translator` prefers them.
+STAGES = ('grpo', 'sft')
+EXPORT_FORMAT, EXPORT_VERSION = 'rvlf_sign_translator', 1
+SIGN_WEIGHTS, SIGN_CONFIG, README = 'sign_encoder.safetensors', 'sign_config.json', 'README.md'
+DECODER_DIR, ENCODER_DIR = 'decoder', 'dinov2'
+# What `recipe.data.prepare` leaves to `build_feature_cache`'s defaults: ImageNet's pixel
+# statistics, and float16 storage (the cached features are rounded to it; so are ours).
+CACHE_MEAN, CACHE_STD, CACHE_DTYPE = features.IMAGENET_MEAN, features.IMAGENET_STD, 'float16'
+
+
+class FrameEncoder(NamedTuple):
+  """The frozen DINOv2 that turns frames into the model's 'visual' features.
+
+  Attributes:
+    config: its architecture.
+    params: its parameters (on the default device).
+    path: the HF folder it was read from.
+  """
+
+  config: vit.VitConfig
+  params: Any
+  path: str
+
+
+@dataclasses.dataclass
+class Translator:
+  """A trained translator and everything needed to run it on a new clip.
+
+  Attributes:
+    config: the run's recipe config (from WORKDIR/config.json).
+    workdir: the run's folder.
+    stage: 'sft' or 'grpo', the stage whose checkpoint was restored.
+    which: which checkpoint of the stage: 'best', 'latest' or a step.
+    model: the translator module (its config carries the stage's LoRA adapters, if any).
+    params: its full parameters {'sign_encoder', 'projector', 'decoder'}, adapters unmerged.
+    tokenizer: the decoder's tokenizer.
+    prompt: the instruction ids around the sign tokens.
+    featurizer: the recipe's example -> model inputs transform (no feature cache).
+    encoder: the frame encoder, when the model reads visual features; else None.
+    log: receives progress lines.
+  """
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  stage: str
+  which: str | int
+  model: slt.SLTModel
+  params: Any
+  tokenizer: tokenizers.Tokenizer
+  prompt: slt.Prompt
+  featurizer: pipeline.Featurizer
+  encoder: FrameEncoder | None
+  log: Log = logging.info
+
+  @property
+  def uses_keypoints(self) -> bool:
+    return self.model.config.sign.fusion.uses_skeleton
+
+  @property
+  def uses_frames(self) -> bool:
+    return self.model.config.sign.fusion.uses_visual
+
+
+# -- Reading a workdir ---------------------------------------------------------------------------
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run saved in WORKDIR/config.json.
+
+  Raises:
+    FileNotFoundError: the workdir or its config.json is missing.
+  """
+  path = os.path.join(workdir, run.CONFIG_FILE)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'{workdir}: no such folder (expected the --workdir of a '
+                            'launch.train run).')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: missing; {workdir} is not the workdir of a launch.train run '
+                            '(or that run has not started).')
+  with open(path) as f:
+    return build.from_json(f.read())
+
+
+def _has_checkpoints(workdir: str, stage: str) -> bool:
+  folder = os.path.join(workdir, stage, loop.CHECKPOINTS_DIR)
+  # orbax names each step's folder by its step number.
+  return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def pick_stage(workdir: str, stage: str | None = None) -> str:
+  """`stage` checked to have checkpoints, or (None) 'grpo' if it has any, else 'sft'.
+
+  Raises:
+    ValueError: an unknown stage.
+    stages.MissingCheckpointError: the stage (or neither) has checkpoints in the workdir.
+  """
+  if stage is not None and stage not in STAGES:
+    raise ValueError(f'stage must be one of {STAGES} (the stages that train a translator), got '
+                     f'{stage!r}.')
+  for name in (stage,) if stage else STAGES:
+    if _has_checkpoints(workdir, name):
+      return name
+  if stage:
+    raise stages_lib.MissingCheckpointError(
+        f'{os.path.join(workdir, stage, loop.CHECKPOINTS_DIR)}: no {stage!r} checkpoint in the '
+        f'workdir {workdir}; run launch.train --stage={stage} there first.')
+  raise stages_lib.MissingCheckpointError(
+      f'{workdir}: neither a grpo nor an sft checkpoint (looked in '
+      f'{{grpo,sft}}/{loop.CHECKPOINTS_DIR}); train the run first (launch.train --stage=all).')
+
+
+def _hf_model(path: str, what: str) -> tuple[Any, hf_api.Family]:
+  """(our config, its family) of an HF folder, as `load_hf` builds the config, no weights read."""
+  try:
+    hf_config = hf_io.read_config(path)
+  except ConversionError as e:
+    raise ConversionError(f'{what}: {e}') from e
+  family = hf_api.family_for(hf_config.get('model_type'), os.path.join(path, 'config.json'))
+  return family.config_from_hf(hf_config), family
+
+
+def encoder_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The frame encoder's HF folder: visual.hf_path, or the one the run wrote."""
+  return config.visual.hf_path or os.path.join(workdir, data_lib.ENCODER_DIR)
+
+
+def decoder_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The pretrained decoder's HF folder: model.decoder.hf_path, or the one the run wrote."""
+  return config.model.decoder.hf_path or os.path.join(workdir, run.DECODER_DIR)
+
+
+def light_context(config: ml_collections.ConfigDict, workdir: str,
+                  log: Log = logging.info) -> stages_lib.Context:
+  """A stages.Context for restoring, from what the workdir holds and nothing else.
+
+  Its data has no sources (nothing to train or score on) and a featurizer without feature
+  cache; its decoder is the pretrained decoder's config with abstract parameters
+  (`jax.ShapeDtypeStruct`s): the checkpoints hold the decoder, so its weights are not read.
+  Use `restore` with it (the stages' own `restore_*` need concrete decoder weights).
+  """
+  tokenizer = data_lib.load_tokenizer(config, workdir)
+  frames_dir, visual_width = None, None
+  if config.visual.enabled:
+    frames_dir = encoder_dir(config, workdir)
+    width = _hf_model(frames_dir, 'the frame encoder')[0].hidden_size
+    visual_width = build.visual_dim(config, width)
+  data = data_lib.Data(tokenizer, data_lib.featurizer(config, tokenizer), sources={}, texts={},
+                       visual_width=visual_width, encoder_dir=frames_dir)
+  path = decoder_dir(config, workdir)
+  decoder_cfg, family = _hf_model(path, 'the pretrained decoder')
+  decoder = (decoder_cfg, family.abstract_params(decoder_cfg))
+  return stages_lib.Context(config, workdir, data, decoder,
+                            stages_lib.prompt_for(data, config.data.language), log)
+
+
+def restore(ctx: stages_lib.Context, stage: str, which: str | int = 'best'
+            ) -> tuple[slt.SLTModel, Any]:
+  """(model, full parameters) of a stage's checkpoint; ctx.decoder's params may be abstract.
+
+  The restore target is traced from the stage's own initialiser (`stages._sft_init` /
+  `_grpo_init`), with the decoder's parameters stood in for by zeros inside the trace, so
+  nothing of the decoder is materialised but what the checkpoint holds.
+  """
+  # pylint: disable=protected-access
+  if stage == 'sft':
+    model, make_init = stages_lib.sft_model(ctx), stages_lib._sft_init
+  elif stage == 'grpo':
+    model, make_init = stages_lib.grpo_model(ctx), stages_lib._grpo_init
+  else:
+    raise ValueError(f'stage must be one of {STAGES}, got {stage!r}.')
+  # pylint: enable=protected-access
+  pick_stage(ctx.workdir, stage)
+  decoder_cfg, decoder_params = ctx.decoder
+
+  def init():
+    zeros = jax.tree.map(lambda x: jnp.zeros(np.shape(x), x.dtype), decoder_params)
+    traced = dataclasses.replace(ctx, decoder=(decoder_cfg, zeros))
+    return make_init(traced, None)[2]()
+
+  state = loop.restore_state(ctx.workdir, stage, jax.eval_shape(init), which)
+  return model, params_lib.merge(state.params, state.frozen)
+
+
+def load_frame_encoder(config: ml_collections.ConfigDict, workdir: str) -> FrameEncoder:
+  path = encoder_dir(config, workdir)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'{path}: missing; the model reads frame features and this is where '
+                            'its frozen frame encoder should be.')
+  cfg, params = hf_api.load_hf(path)
+  return FrameEncoder(cfg, jax.device_put(params), path)
+
+
+def load_translator(workdir: str, stage: str | None = None, which: str | int = 'best', *,
+                    log: Log = logging.info) -> Translator:
+  """The translator a launch.train run trained, restored from its workdir.
+
+  Args:
+    workdir: the run's folder.
+    stage: 'grpo' or 'sft'; None takes 'grpo' if the workdir has GRPO checkpoints, else 'sft'.
+    which: 'best' (by dev BLEU-4), 'latest', or a step.
+    log: receives progress lines.
+
+  Returns:
+    The Translator.
+
+  Raises:
+    FileNotFoundError: no config.json, tokenizer, decoder or frame encoder folder in the workdir,
+      or (stages.MissingCheckpointError) no checkpoint of the stage.
+  """
+  workdir = os.path.abspath(workdir)
+  config = read_config(workdir)
+  stage = pick_stage(workdir, stage)
+  ctx = light_context(config, workdir, log)
+  model, params = restore(ctx, stage, which)
+  encoder = None
+  if model.config.sign.fusion.uses_visual:
+    encoder = load_frame_encoder(config, workdir)
+  log(f'{workdir}: restored the {which} {stage} checkpoint'
+      + (f' and the frame encoder {encoder.path}' if encoder else ''))
+  return Translator(config, workdir, stage, which, model, params, ctx.data.tokenizer, ctx.prompt,
+                    ctx.data.featurizer, encoder, log)
+
+
+# -- One clip ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Clip:
+  """One clip's inputs before featurizing.
+
+  Attributes:
+    clip_id: a name for messages and the batch's 'id'.
+    keypoints: float32[T, 133, 2] COCO-WholeBody points (zeros when the model reads none).
+    scores: float32[T, 133] their confidences.
+    visual: {feature key: float32[T, D]} frame features, or None.
+  """
+
+  clip_id: str
+  keypoints: np.ndarray
+  scores: np.ndarray
+  visual: dict[str, np.ndarray] | None = None
+
+  @property
+  def num_frames(self) -> int:
+    return self.keypoints.shape[0]
+
+
+class _OneClip:
+  """A feature cache of one clip, for the Featurizer (which reads features by clip id)."""
+
+  def __init__(self, visual: Mapping[str, np.ndarray]):
+    self.visual = visual
+
+  def get(self, clip_id: str) -> Mapping[str, np.ndarray]:
+    del clip_id
+    return self.visual
+
+
+def frame_size(config: ml_collections.ConfigDict) -> int | None:
+  """The size frames are loaded at, as the run's feature cache got them.
+
+  SynthSign clips reach the cache at their rendered size and are resized inside the encoder's
+  jitted function; real datasets' frames are resized on loading (`pipeline.annotation_clips`).
+  """
+  return None if config.data.dataset == 'synthsign' else int(config.visual.image_size)
+
+
+def frame_features(encoder: FrameEncoder, frames: np.ndarray, config: ml_collections.ConfigDict
+                   ) -> dict[str, np.ndarray]:
+  """Per-frame features of one clip, computed as the run's feature cache computed them.
+
+  The same jitted function as `features.build_feature_cache` (same resize, pixel statistics,
+  pooling and batch of `visual.batch_frames` images, padded with black frames), rounded to the
+  cache's dtype.
+
+  Args:
+    encoder: the frozen frame encoder.
+    frames: uint8[T, H, W, C].
+    config: the run's config (visual.feature_keys, image_size, batch_frames).
+
+  Returns:
+    {feature key: float32[T, D]}.
+  """
+  frames = np.asarray(frames)
+  channels = encoder.config.num_channels
+  if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != channels:
+    raise ValueError(f'frames must be uint8[T, H, W, {channels}], got '
+                     f'{frames.dtype}{list(frames.shape)}.')
+  if not len(frames):
+    raise ValueError('the clip has no frames.')
+  v = config.visual
+  names = tuple(v.feature_keys)
+  # pylint: disable=protected-access
+  encode = features._encode_fn(encoder.config, names, features._image_size(int(v.image_size)),
+                               CACHE_MEAN, CACHE_STD, CACHE_DTYPE)
+  # pylint: enable=protected-access
+  size = int(v.batch_frames)
+  pieces = {name: [] for name in names}
+  for start in range(0, len(frames), size):
+    chunk = frames[start:start + size]
+    n = len(chunk)
+    if n < size:
+      chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), np.uint8)])
+    out = jax.device_get(encode(encoder.params, chunk))
+    for name in names:
+      pieces[name].append(np.asarray(out[name][:n]))
+  return {name: np.concatenate(p).astype(np.float32) for name, p in pieces.items()}
+
+
+def _resample(frames: np.ndarray, length: int) -> np.ndarray:
+  """`length` frames taken uniformly over the clip (the Featurizer's temporal subsampling)."""
+  keep = np.linspace(0, len(frames) - 1, length).round().astype(np.int64)
+  return frames[keep]
+
+
+def read_clip(translator: Translator, *, pose: str | poses.Pose | None = None,
+              video: str | None = None, frames: str | np.ndarray | None = None) -> Clip:
+  """Reads the inputs of one clip that the translator's model needs.
+
+  Args:
+    translator: the loaded translator.
+    pose: a `.pose` file or RTMPose `.pkl` (or a loaded `poses.Pose`), for the keypoints.
+    video: a video file, for the frames.
+    frames: a folder of frame images (PNG, JPEG), or uint8[T, H, W, 3] frames.
+
+  Returns:
+    The Clip. When both keypoints and frames are used and their frame counts differ, the frames
+    are resampled uniformly to the pose's count (and a line is logged).
+
+  Raises:
+    ValueError: an input the model needs is missing (we ship no pose estimator, so a model that
+      reads keypoints needs a pose file), video and frames are both given, or an input is bad.
+    PoseError, VideoError (ValueErrors): an unreadable pose file, video or frame folder.
+  """
+  if video is not None and frames is not None:
+    raise ValueError('give the clip\'s frames once: either video= (a video file) or frames= (a '
+                     'frame folder), not both.')
+  config, log = translator.config, translator.log
+  strict = bool(config.data.strict)
+  clip_id = 'clip'
+  for source in (pose, video, frames):
+    if isinstance(source, (str, os.PathLike)):
+      clip_id = os.path.basename(os.path.normpath(os.fspath(source)))
+      break
+  if translator.uses_keypoints and pose is None:
+    raise ValueError(f'the {translator.stage} model of {translator.workdir} reads keypoints: '
+                     'give a pose file (pose=, --pose; .pose or RTMPose .pkl). rvlf_jax ships no '
+                     'pose estimator, so keypoints cannot be computed from the video.')
+  if translator.uses_frames and video is None and frames is None:
+    raise ValueError(f'the {translator.stage} model of {translator.workdir} reads frame '
+                     'features: give the clip\'s video (video=, --video) or frame folder '
+                     '(frames=, --frames).')
+
+  kp = scores = None
+  if pose is not None and translator.uses_keypoints:
+    if not isinstance(pose, poses.Pose):
+      pose = poses.load_pose(pose, strict=strict)
+    body = keypoints.to_wholebody(pose, strict=strict)
+    kp, scores = body.keypoints, body.scores
+  elif pose is not None:
+    log(f'{clip_id}: the model reads no keypoints; the pose is not used.')
+
+  visual = None
+  if translator.uses_frames:
+    source = video if video is not None else frames
+    if isinstance(source, np.ndarray):
+      images = source
+    else:
+      images = load_clip_frames(source, config)
+    if kp is not None and len(images) != len(kp):
+      log(f'{clip_id}: {len(images)} frames but {len(kp)} pose frames; resampled the frames '
+          f'uniformly to {len(kp)}.')
+      images = _resample(images, len(kp))
+    visual = frame_features(translator.encoder, images, config)
+  elif video is not None or frames is not None:
+    log(f'{clip_id}: the model reads no frame features; the frames are not used.')
+
+  if kp is None:  # a visual-only model: the Featurizer still wants (unread) keypoints
+    t = len(next(iter(visual.values())))
+    kp = np.zeros((t, keypoints.NUM_KEYPOINTS, 2), np.float32)
+    scores = np.zeros((t, keypoints.NUM_KEYPOINTS), np.float32)
+  return Clip(clip_id, kp, scores, visual)
+
+
+def load_clip_frames(path: str | os.PathLike, config: ml_collections.ConfigDict) -> np.ndarray:
+  """uint8[T, H, W, 3] frames of a video file or frame folder, at `frame_size(config)`."""
+  return video.load_frames(path, size=frame_size(config))
+
+
+def clip_batch(translator: Translator, clip: Clip) -> dict[str, np.ndarray]:
+  """The model batch of one clip: the recipe's Featurizer (joints, normalisation, at most the
+  largest frame bucket) and `collate` into one row padded to its frame bucket."""
+  featurize = dataclasses.replace(
+      translator.featurizer, tokenizer=None, strict=True,
+      feature_cache=None if clip.visual is None else _OneClip(clip.visual))
+  example = featurize({'id': clip.clip_id, 'keypoints': clip.keypoints, 'scores': clip.scores,
+                       'text': ''})
+  if example.get('truncated'):
+    translator.log(f'{clip.clip_id}: {clip.num_frames} frames, more than the largest frame '
+                   f'bucket; subsampled uniformly to {translator.featurizer.buckets.frames[-1]}.')
+  return pipeline.collate([example], translator.featurizer.buckets,
+                          pad_id=translator.tokenizer.pad_id, batch_size=1)
+
+
+def translate_batches(translator: Translator, batches, *, decode: str | None = None,
+                      beam_size: int | None = None) -> list[tuple[str, str]]:
+  """[(id, translation)] of pipeline batches with the config's eval decoding (decode and
+  beam_size override it)."""
+  e = translator.config.eval
+  return evaluate_lib.translate(
+      translator.model, translator.params, batches, translator.prompt, translator.tokenizer,
+      decode=decode or e.decode, beam_size=int(beam_size or e.beam_size),
+      max_new_tokens=int(e.max_new_tokens), length_penalty=float(e.length_penalty))
+
+
+def translate_clip(translator: Translator, *, pose: str | poses.Pose | None = None,
+                   video: str | None = None, frames: str | np.ndarray | None = None,
+                   decode: str | None = None, beam_size: int | None = None) -> str:
+  """The translation of one clip.
+
+  Args:
+    translator: from `load_translator`.
+    pose, video, frames: the clip's inputs (see `read_clip`): a pose file when the model reads
+      keypoints, a video or frame folder when it reads frame features.
+    decode: 'greedy' or 'beam'; None uses the config's eval.decode.
+    beam_size: for beam search; None uses eval.beam_size.
+
+  Raises:
+    ValueError: a missing or bad input (see `read_clip`).
+  """
+  clip = read_clip(translator, pose=pose, video=video, frames=frames)
+  [(_, text)] = translate_batches(translator, [clip_batch(translator, clip)], decode=decode,
+                                  beam_size=beam_size)
+  return text
+
+
+# -- Scoring a split -----------------------------------------------------------------------------
+
+
+def evaluate_checkpoint(workdir: str, split: str, stage: str | None = None,
+                        which: str | int = 'best', *, decode: str | None = None,
+                        beam_size: int | None = None, output_dir: str | None = None,
+                        log: Log = logging.info) -> dict[str, float]:
+  """Scores a stage's checkpoint on a split, as the run scored it (`stages.score_splits`).
+
+  Prepares the data through `run.context`, which reuses what the workdir holds (dataset cache,
+  tokenizer, feature cache, pretrained decoder).
+
+  Args:
+    workdir: the run's folder.
+    split: 'dev' or 'test' (or 'train').
+    stage: as for `load_translator`.
+    which: 'best', 'latest' or a step.
+    decode, beam_size: override eval.decode and eval.beam_size.
+    output_dir: where to write hyps.txt, refs.txt and ids.txt (None: nowhere).
+    log: receives progress lines.
+
+  Returns:
+    {'bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l'}.
+  """
+  workdir = os.path.abspath(workdir)
+  config = read_config(workdir)
+  if split not in data_lib.SPLITS:
+    raise ValueError(f'split must be one of {data_lib.SPLITS}, got {split!r}.')
+  stage = pick_stage(workdir, stage)
+  if decode is not None:
+    config.eval.decode = decode
+  if beam_size is not None:
+    config.eval.beam_size = int(beam_size)
+  ctx = run.context(config, workdir, log)
+  model, params = restore(ctx, stage, which)
+  log(f'{workdir}: scoring the {which} {stage} checkpoint on {split} '
+      f'({config.eval.decode} decoding)')
+  return stages_lib.translate_scores(ctx, model, params,
+                                     ctx.data.eval(split, int(config.eval.batch_size)),
+                                     output_dir=output_dir)
+
+
+# -- Export --------------------------------------------------------------------------------------
+
+
+def merged_decoder(translator: Translator) -> Any:
+  """The decoder's parameters with the stage's LoRA adapters folded into its kernels."""
+  lora = translator.model.config.lora
+  decoder = translator.params['decoder']
+  return decoder if lora is None else lora_lib.merge(decoder, lora)
+
+
+def sign_tensors(params: Any) -> dict[str, np.ndarray]:
+  """The sign encoder's and projector's parameters by path ('sign_encoder/.../fc1_kernel')."""
+  tree = {'sign_encoder': params['sign_encoder'], 'projector': params['projector']}
+  flat = flax.traverse_util.flatten_dict(jax.device_get(tree), sep='/')
+  return {k: np.ascontiguousarray(np.asarray(v)) for k, v in sorted(flat.items())}
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, 'tolist')
+                               else str(v)))
+
+
+def sign_config(translator: Translator) -> dict[str, Any]:
+  """The documented config of an export (`sign_config.json`)."""
+  config, model_cfg, tok = translator.config, translator.model.config, translator.tokenizer
+  decoder = model_cfg.decoder
+  template = tokenizers.PromptTemplate()
+  visual = None
+  if translator.encoder is not None:
+    visual = {
+        'encoder': ENCODER_DIR, 'feature_keys': list(config.visual.feature_keys),
+        'width': model_cfg.sign.fusion.visual_dim,
+        'image_size': int(config.visual.image_size),
+        'load_size': frame_size(config),
+        'resize': 'bilinear with antialiasing (jax.image.resize), stretched to image_size',
+        'pixel_scale': 1 / 255, 'mean': list(CACHE_MEAN), 'std': list(CACHE_STD),
+        'pooling': {'cls': "the encoder's normalised CLS token",
+                    'mean_patch': 'the mean of its normalised patch tokens'},
+        'rounded_to': CACHE_DTYPE,
+    }
+  joints = config.data.joints
+  return _jsonable({
+      'format': EXPORT_FORMAT,
+      'version': EXPORT_VERSION,
+      'source': {'workdir': translator.workdir, 'stage': translator.stage,
+                 'checkpoint': translator.which},
+      'layout': ('The decoder reads [prompt.before_ids][sign tokens][prompt.after_ids] as input '
+                 'embeddings, then generates the translation until eos. Sign tokens are '
+                 'projector(sign_encoder(inputs)), one per downsample frames; padded ones are '
+                 'masked out and take no position.'),
+      'sign_encoder': dataclasses.asdict(model_cfg.sign),
+      'downsample': model_cfg.sign.downsample,
+      'projector': {'input_size': model_cfg.sign.d_model,
+                    'hidden_size': model_cfg.projector_hidden or decoder.hidden_size,
+                    'output_size': decoder.hidden_size,
+                    'layers': 'fc1 -> gelu (tanh approximation) -> fc2, with biases'},
+      'decoder': {'path': DECODER_DIR, 'hidden_size': decoder.hidden_size,
+                  'vocab_size': decoder.vocab_size, 'family': decoder.family,
+                  'lora_merged': model_cfg.lora is not None},
+      'prompt': {'instruction': template.instruction, 'language': config.data.language,
+                 'text': template.text(tok, config.data.language),
+                 'before_ids': [int(i) for i in np.asarray(translator.prompt.before)],
+                 'after_ids': [int(i) for i in np.asarray(translator.prompt.after)]},
+      'tokenizer': {'kind': config.tokenizer.kind, 'path': DECODER_DIR,
+                    'vocab_size': tok.vocab_size, 'bos_id': tok.bos_id, 'eos_id': tok.eos_id,
+                    'pad_id': tok.pad_id},
+      'inputs': {
+          'keypoints': None if not translator.uses_keypoints else {
+              'layout': 'COCO-WholeBody 133 points [T, 133, 2] in pixels, with scores [T, 133]',
+              'joints': (list(keypoints.SUBSETS[joints].indices) if joints else None),
+              'joint_subset': joints or None,
+              'normalization': 'rvlf_jax.data.keypoints.normalize(strict=False): body relative '
+                               'to the shoulders, hands relative to their wrists',
+              'channels': ['x', 'y', 'score']},
+          'visual': visual,
+          'max_frames': int(config.data.frame_buckets[-1]),
+          'frame_buckets': list(config.data.frame_buckets),
+      },
+      'decode': {k: config.eval[k] for k in ('decode', 'beam_size', 'max_new_tokens',
+                                             'length_penalty')},
+  })
+
+
+_README = """\
+# RVLF sign-language translator export
+
+Exported by `python -m launch.export_hf` from the {stage} checkpoint of `{workdir}`
+(format `{format}` version {version}). Inputs, prompt and sizes are in `{config}`.
+
+- `decoder/`: the language model with its LoRA adapters merged, and its tokenizer:
+
+      import transformers
+      model = transformers.AutoModelForCausalLM.from_pretrained('decoder')
+      tokenizer = transformers.AutoTokenizer.from_pretrained('decoder')
+
+  With rvlf_jax: `config, params = rvlf_jax.hf.api.load_hf('decoder')`.
+{encoder}- `{weights}`: the sign encoder and projector weights (safetensors, numpy layout,
+  names are paths in the parameter tree, e.g. `sign_encoder/skeleton/parts/fc1_kernel`):
+
+      from safetensors.numpy import load_file
+      from flax import traverse_util
+      tree = traverse_util.unflatten_dict(load_file('{weights}'), sep='/')
+      # tree['sign_encoder'], tree['projector']: the SignEncoder and Projector params of
+      # rvlf_jax.models.fusion, built from sign_config.json's 'sign_encoder' and 'projector'.
+
+- `{config}`: the sign encoder config, projector sizes, decoder hidden size, the prompt ids
+  around the sign tokens (`prompt.before_ids`, `prompt.after_ids`), the tokenizer's ids, how
+  keypoints and frames are preprocessed, and the decoding settings.
+
+To translate: encode the clip with the sign encoder, project it, place the sign embeddings
+between the prompt ids' embeddings, and generate with the decoder from those input embeddings
+(`inputs_embeds`) until eos.
+"""
+
+_README_ENCODER = """\
+- `{encoder}/`: the frozen DINOv2 frame encoder
+  (`transformers.AutoModel.from_pretrained('{encoder}')` or `rvlf_jax.hf.api.load_hf`); how frames
+  become the model's per-frame features is under `inputs.visual` in the config.
+"""
+
+
+def export(translator: Translator, out_dir: str, overwrite: bool = False) -> str:
+  """Writes the translator as HF decoder + frame encoder + sign encoder (see the module doc).
+
+  The folder appears complete or not at all (written beside it, then renamed).
+
+  Args:
+    translator: from `load_translator`.
+    out_dir: the export folder.
+    overwrite: replace a non-empty out_dir; otherwise that is an error.
+
+  Returns:
+    out_dir, absolute.
+
+  Raises:
+    FileExistsError: out_dir is not empty and overwrite is False.
+  """
+  out_dir = os.path.abspath(out_dir)
+  if (os.path.exists(out_dir) and not overwrite
+      and not (os.path.isdir(out_dir) and not os.listdir(out_dir))):
+    raise FileExistsError(f'{out_dir}: exists and is not empty; refusing to overwrite it (pass '
+                          'overwrite=True, or --overwrite).')
+  model_cfg = translator.model.config
+  config = sign_config(translator)
+
+  def write(tmp: str) -> None:
+    decoder_out = os.path.join(tmp, DECODER_DIR)
+    hf_api.save_hf(model_cfg.decoder, merged_decoder(translator), decoder_out)
+    tok = translator.tokenizer
+    if isinstance(tok, tokenizers.SentencePieceTokenizer):
+      tok.save_as_hf(decoder_out)
+    elif isinstance(tok, tokenizers.HFTokenizer):
+      tok.hf.save_pretrained(decoder_out)
+    else:
+      raise TypeError(f'cannot export a {type(tok).__name__} tokenizer.')
+    if translator.encoder is not None:
+      hf_api.save_hf(translator.encoder.config, translator.encoder.params,
+                     os.path.join(tmp, ENCODER_DIR))
+    from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+    save_file(sign_tensors(translator.params), os.path.join(tmp, SIGN_WEIGHTS),
+              metadata={'format': EXPORT_FORMAT, 'version': str(EXPORT_VERSION)})
+    with open(os.path.join(tmp, SIGN_CONFIG), 'w') as f:
+      json.dump(config, f, indent=2)
+      f.write('\n')
+    encoder = (_README_ENCODER.format(encoder=ENCODER_DIR) if translator.encoder is not None
+               else '')
+    with open(os.path.join(tmp, README), 'w') as f:
+      f.write(_README.format(stage=translator.stage, workdir=translator.workdir,
+                             format=EXPORT_FORMAT, version=EXPORT_VERSION, config=SIGN_CONFIG,
+                             weights=SIGN_WEIGHTS, encoder=encoder))
+
+  hf_io.write_atomically(out_dir, write, overwrite=overwrite)
+  translator.log(f'{out_dir}: exported the {translator.stage} translator')
+  return out_dir
