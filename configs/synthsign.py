@@ -49,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       frame_buckets=(48, 72, 96),
       token_buckets=(24,),
       joints='',             # '' keeps all 133; or a subset name (cosign77, unisign69)
+      standardize=True,      # per-joint mean/std of the normalised train keypoints
+      stats_examples=1000,   # train clips the statistics are computed over
       workers=0,             # grain worker processes (0: featurize in the main process)
       strict=False,          # raise on a bad example instead of skipping it
   ))

@@ -203,8 +203,10 @@ def light_context(config: ml_collections.ConfigDict, workdir: str,
     frames_dir = encoder_dir(config, workdir)
     width = _hf_model(frames_dir, 'the frame encoder')[0].hidden_size
     visual_width = build.visual_dim(config, width)
-  data = data_lib.Data(tokenizer, data_lib.featurizer(config, tokenizer), sources={}, texts={},
-                       visual_width=visual_width, encoder_dir=frames_dir)
+  stats = data_lib.load_keypoint_stats(config, workdir)
+  data = data_lib.Data(tokenizer, data_lib.featurizer(config, tokenizer, stats=stats),
+                       sources={}, texts={}, visual_width=visual_width,
+                       encoder_dir=frames_dir)
   path = decoder_dir(config, workdir)
   decoder_cfg, family = _hf_model(path, 'the pretrained decoder')
   decoder = (decoder_cfg, family.abstract_params(decoder_cfg))
@@ -557,6 +559,15 @@ def _jsonable(value: Any) -> Any:
                                else str(v)))
 
 
+def _stats_json(featurizer: pipeline.Featurizer) -> dict[str, Any] | None:
+  """The keypoint statistics the featurizer standardises with, as JSON lists."""
+  stats = getattr(featurizer.normalize, 'stats', None)
+  if stats is None:
+    return None
+  return {'formula': '(x - mean) / std on detected points after normalization, 0 elsewhere',
+          'mean': stats.mean.tolist(), 'std': stats.std.tolist()}
+
+
 def sign_config(translator: Translator) -> dict[str, Any]:
   """The documented config of an export (`sign_config.json`)."""
   config, model_cfg, tok = translator.config, translator.model.config, translator.tokenizer
@@ -608,6 +619,7 @@ def sign_config(translator: Translator) -> dict[str, Any]:
               'joint_subset': joints or None,
               'normalization': 'rvlf_jax.data.keypoints.normalize(strict=False): body relative '
                                'to the shoulders, hands relative to their wrists',
+              'standardization': _stats_json(translator.featurizer),
               'channels': ['x', 'y', 'score']},
           'visual': visual,
           'max_frames': int(config.data.frame_buckets[-1]),

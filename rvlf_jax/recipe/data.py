@@ -5,13 +5,13 @@
   WORKDIR/tokenizer/        spm.model, trained on the train split's translations
   WORKDIR/dinov2/           the frozen frame encoder as a HuggingFace folder
   WORKDIR/features/         its per-frame features of every clip (`data.features`)
+  WORKDIR/keypoint_stats.npz  per-joint mean and std of the normalised train keypoints
 Each step is skipped when its output is already there, so a resumed run prepares nothing twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -31,6 +31,7 @@ from rvlf_jax.recipe import build
 
 SPLITS = ('train', 'dev', 'test')
 TOKENIZER_DIR, ENCODER_DIR, FEATURES_DIR = 'tokenizer', 'dinov2', 'features'
+KEYPOINT_STATS = 'keypoint_stats.npz'
 
 
 @dataclasses.dataclass
@@ -93,14 +94,14 @@ def _synthsign(config: ml_collections.ConfigDict, workdir: str, log: Callable[[s
   root = synthsign_dir(config, workdir)
   if not os.path.exists(os.path.join(root, 'meta.json')):
     if config.data.root:
-      raise DataError(f'data.root={root}: no SynthSign cache there (meta.json missing); '
-                      'generate one with python -m launch.synthsign, or leave data.root empty.')
+      raise DataError(root, 'data.root names no SynthSign cache (meta.json missing); generate '
+                      'one with python -m launch.synthsign, or leave data.root empty.')
     log(f'generating SynthSign {config.data.size!r} into {root}')
     prepare_synthsign(config.data.size, root, seed=0, describe_too=False)
   ds = SynthSign.load(root)
   if ds.config.size != config.data.size:
-    raise DataError(f'{root} holds SynthSign {ds.config.size!r}, the config asks for '
-                    f'{config.data.size!r}.')
+    raise DataError(root, f'holds SynthSign {ds.config.size!r}, the config asks for '
+                          f'{config.data.size!r}.')
   sources = {s: pipeline.SplitSource(ds, s) for s in SPLITS}
   texts = {s: [ds.example_text(s, i) for i in range(ds.num_examples(s))] for s in SPLITS}
 
@@ -167,9 +168,47 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer
   return tokenizers.SentencePieceTokenizer.load(path)
 
 
+def load_keypoint_stats(config: ml_collections.ConfigDict,
+                        workdir: str) -> keypoints.KeypointStats | None:
+  """The run's keypoint statistics (None when data.standardize is off)."""
+  if not config.data.get('standardize', False):
+    return None
+  path = os.path.join(workdir, KEYPOINT_STATS)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: missing; the workdir {workdir} has no keypoint statistics '
+                            '(the run stopped before preparing its data?).')
+  return keypoints.KeypointStats.load(path)
+
+
+def _keypoint_stats(config: ml_collections.ConfigDict, workdir: str, train: Sequence[Any],
+                    log: Callable[[str], None]) -> keypoints.KeypointStats | None:
+  """Fits (the first time) the per-joint statistics of up to data.stats_examples train clips."""
+  if not config.data.get('standardize', False):
+    return None
+  path = os.path.join(workdir, KEYPOINT_STATS)
+  if os.path.exists(path):
+    return keypoints.KeypointStats.load(path)
+  plain = featurizer(config, None, stats=None)
+  n = min(len(train), int(config.data.stats_examples))
+  log(f'keypoint statistics of {n} train clips -> {path}')
+
+  def clips():
+    for i in range(n):
+      example = plain(train[i])
+      if pipeline.SKIPPED not in example:
+        kp = example['keypoints']
+        yield kp[..., :2], kp[..., 2]
+
+  stats = keypoints.KeypointStats.fit(clips())
+  stats.save(path)
+  return stats
+
+
 def featurizer(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenizer | None,
-               feature_cache: Any = None) -> pipeline.Featurizer:
-  """The recipe's Featurizer (as `recipe.data.prepare` builds it) with the given cache."""
+               feature_cache: Any = None,
+               stats: keypoints.KeypointStats | None = None) -> pipeline.Featurizer:
+  """The recipe's Featurizer (as `recipe.data.prepare` builds it) with the given cache and
+  keypoint statistics."""
   joints = None
   if config.data.joints:
     joints = tuple(keypoints.SUBSETS[config.data.joints].indices)
@@ -178,8 +217,7 @@ def featurizer(config: ml_collections.ConfigDict, tokenizer: tokenizers.Tokenize
       buckets=pipeline.Buckets(frames=tuple(config.data.frame_buckets),
                                tokens=tuple(config.data.token_buckets)),
       feature_cache=feature_cache, feature_keys=tuple(config.visual.feature_keys), joints=joints,
-      normalize=functools.partial(keypoints.normalize, strict=False),
-      strict=bool(config.data.strict))
+      normalize=keypoints.Normalizer(stats), strict=bool(config.data.strict))
 
 
 def _tokenizer(config: ml_collections.ConfigDict, workdir: str, train_texts: list[str],
@@ -238,5 +276,6 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
         pooling=tuple(config.visual.feature_keys), image_size=int(config.visual.image_size),
         encoder_name=encoder_dir, num_clips=num_clips)
     visual_width = build.visual_dim(config, encoder_cfg.hidden_size)
-  return Data(tokenizer, featurizer(config, tokenizer, cache), sources, texts, visual_width,
-              encoder_dir, workers=config.data.workers)
+  stats = _keypoint_stats(config, workdir, sources['train'], log)
+  return Data(tokenizer, featurizer(config, tokenizer, cache, stats), sources, texts,
+              visual_width, encoder_dir, workers=config.data.workers)

@@ -276,3 +276,58 @@ def test_normalize_real_signer(rtmpose):
   rooted = scores[:, 91] > 0
   np.testing.assert_array_equal(out[rooted, 91], 0)
   assert np.abs(out[:, 91:]).max() < 1.0  # a hand is smaller than the shoulders are wide
+
+
+# -- Standardisation -----------------------------------------------------------------------------
+
+
+def test_keypoint_stats_standardise_detected_points(tmp_path):
+  rng = np.random.default_rng(0)
+  clips = []
+  for _ in range(5):
+    pts = rng.normal([1.0, -2.0], [0.5, 0.1], size=(20, 4, 2)).astype(np.float32)
+    scores = np.ones((20, 4), np.float32)
+    scores[:, 3] = 0  # joint 3 never detected
+    scores[::4, 1] = 0  # joint 1 sometimes lost; its garbage must not count
+    pts[::4, 1] = 1e6
+    clips.append((pts, scores))
+  stats = kp.KeypointStats.fit(clips)
+  seen = np.concatenate([pts[s > 0][None] for pts, s in [(c[0][:, 1], c[1][:, 1]) for c in clips]],
+                        axis=1)[0]
+  np.testing.assert_allclose(stats.mean[1], seen.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(stats.std[1], seen.std(0), rtol=1e-4)
+  assert stats.mean[3].tolist() == [0, 0] and stats.std[3].tolist() == [1, 1]
+  out, scores = stats.apply(*clips[0])
+  assert out.dtype == np.float32 and np.all(out[clips[0][1] == 0] == 0)
+  all_out = np.concatenate([stats.apply(*c)[0][:, 0] for c in clips])
+  np.testing.assert_allclose(all_out.mean(0), 0, atol=1e-5)
+  np.testing.assert_allclose(all_out.std(0), 1, atol=1e-4)
+  path = str(tmp_path / 'stats.npz')
+  stats.save(path)
+  again = kp.KeypointStats.load(path)
+  assert np.array_equal(again.mean, stats.mean) and np.array_equal(again.std, stats.std)
+
+
+def test_keypoint_stats_refuse_bad_input(tmp_path):
+  with pytest.raises(ValueError, match='no clips'):
+    kp.KeypointStats.fit([])
+  stats = kp.KeypointStats(np.zeros((4, 2), np.float32), np.ones((4, 2), np.float32))
+  with pytest.raises(ValueError, match='keypoints of 5 joints, statistics of 4'):
+    stats.apply(np.zeros((3, 5, 2), np.float32), np.ones((3, 5), np.float32))
+  bad = tmp_path / 'bad.npz'
+  bad.write_bytes(b'not numpy')
+  with pytest.raises(PoseError, match='bad.npz: not a keypoint statistics file'):
+    kp.KeypointStats.load(str(bad))
+
+
+def test_normalizer_is_picklable_and_composes():
+  import pickle  # pylint: disable=g-import-not-at-top
+  stats = kp.KeypointStats(np.full((133, 2), 0.5, np.float32),
+                                  np.full((133, 2), 2.0, np.float32))
+  norm = pickle.loads(pickle.dumps(kp.Normalizer(stats)))
+  rng = np.random.default_rng(1)
+  pts = rng.uniform(0, 64, size=(6, 133, 2)).astype(np.float32)
+  scores = np.ones((6, 133), np.float32)
+  plain = kp.normalize(pts, scores, strict=False)
+  got = norm(pts, scores)
+  np.testing.assert_allclose(got[0], (plain[0] - 0.5) / 2.0, rtol=1e-6, atol=1e-6)

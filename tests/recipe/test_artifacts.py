@@ -96,7 +96,9 @@ def test_a_clip_from_files_is_translated_as_the_pipeline_translates_it(tiny_run,
   cache = features.FeatureCache(os.path.join(tiny_run.workdir, data_lib.FEATURES_DIR))
   source = [{k: v for k, v in example.items() if k != 'frames'}]
   [expected] = pipeline.eval_pipeline(
-      source, data_lib.featurizer(tiny_run.config, translator.tokenizer, cache), 1,
+      source, data_lib.featurizer(
+          tiny_run.config, translator.tokenizer, cache,
+          data_lib.load_keypoint_stats(tiny_run.config, tiny_run.workdir)), 1,
       pad_id=translator.tokenizer.pad_id)
   for key in ('keypoints', 'frame_mask', 'example_mask'):
     np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
