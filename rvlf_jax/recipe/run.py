@@ -25,6 +25,7 @@ from rvlf_jax.hf import api as hf_api
 from rvlf_jax.recipe import build, lm
 from rvlf_jax.recipe import data as data_lib
 from rvlf_jax.recipe import stages as stages_lib
+from rvlf_jax.train import params as params_lib
 
 CONFIG_FILE, RESULTS_FILE, DECODER_DIR = 'config.json', 'results.json', 'decoder'
 METRICS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l')
@@ -190,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Sequence[str],
   if 'grpo' in stages:
     if sft_params is None:
       sft_model, state = stages_lib.restore_sft(ctx, 'grpo')
-      sft_params = stages_lib.params_lib.merge(state.params, state.frozen)
+      sft_params = params_lib.merge(state.params, state.frozen)
     t = time.perf_counter()
     model, params, history = stages_lib.run_grpo(ctx, sft_params)
     timings['grpo'] = round(time.perf_counter() - t, 1)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rvlf_jax.data import pipeline
+from rvlf_jax.data import pipeline, tokenizers
 from rvlf_jax.eval import evaluate as evaluate_lib
 from rvlf_jax.models import lora as lora_lib
 from rvlf_jax.models import slt
@@ -63,8 +63,8 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 def prompt_for(data: Data, language: str) -> slt.Prompt:
-  from rvlf_jax.data.tokenizers import PromptTemplate  # pylint: disable=g-import-not-at-top
-  ids = PromptTemplate().prompt(data.tokenizer, language)
+  """The instruction ids around the sign tokens, for the data's tokenizer and `language`."""
+  ids = tokenizers.PromptTemplate().prompt(data.tokenizer, language)
   return slt.Prompt(np.asarray(ids.before, np.int32), np.asarray(ids.after, np.int32))
 
 

@@ -116,6 +116,14 @@ def test_a_finished_stage_is_not_trained_again(tiny_run, tmp_path):
   assert os.path.getmtime(os.path.join(workdir, 'sft', 'metrics.jsonl')) == before
 
 
+def test_grpo_alone_starts_from_the_sft_checkpoint(tiny_run, tmp_path):
+  """--stage=grpo in a workdir whose SFT has run computes what --stage=all computed."""
+  workdir = str(tmp_path / 'grpo_alone')
+  shutil.copytree(tiny_run.workdir, workdir, ignore=shutil.ignore_patterns('grpo', 'eval'))
+  results = run.run(tiny_run.config, workdir, ('grpo',), log=lambda line: None)
+  assert results['grpo'] == tiny_run.results['grpo']
+
+
 # -- Bad input -----------------------------------------------------------------------------------
 
 
