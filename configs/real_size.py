@@ -99,10 +99,12 @@ def get_config(arg: str | None, *, name: str, data: dict[str, Any], dinov2: str,
                      f'{synthsign.ABLATIONS}; got {arg!r}.')
   c = synthsign.get_config(arg)
   c.name = name
-  c.data.update(root='', workers=8)  # root: the release folder, set on the command line
+  c.data.update(root='', workers=8,   # root: the release folder, set on the command line
+                in_memory=False)  # tens of GB of keypoints at real sizes
   c.data.update(data)
   max_new_tokens = max(c.data.token_buckets)
   c.tokenizer.update(kind='hf', vocab_size=DECODERS[decoder].vocab_size)
+  c.prompt.instruction = '{sign}\nTranslate the sign language video into {language}.'
 
   # image_size is the frame side meant for DINOv2: 224 (16 x 16 patches, the 37 x 37 position
   # grid interpolated); recipe/data.py resizes the frames to it.

@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       standardize=True,      # per-joint mean/std of the normalised train keypoints
       stats_examples=1000,   # train clips the statistics are computed over
       workers=0,             # grain worker processes (0: featurize in the main process)
+      in_memory=True,        # keep featurized clips in memory (~0.6 GB here) after epoch 1
       strict=False,          # raise on a bad example instead of skipping it
   ))
 
@@ -59,6 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       kind='sentencepiece',  # sentencepiece (trained on the train split) | hf (the decoder's)
       vocab_size=600,
   ))
+
+  # The instruction around the sign tokens. SynthSign's 600-piece vocabulary spells the
+  # library's default instruction in 33 pieces, 40% of each training sequence; this one takes 17.
+  c.prompt = ml_collections.ConfigDict(dict(
+      instruction='{sign}\nTranslate into {language}:', system=''))
 
   # Frame features: a frozen DINOv2 over every frame, cached once (data/features.py).
   c.visual = ml_collections.ConfigDict(dict(
@@ -73,6 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       feature_keys=('cls', 'mean_patch'),
       batch_frames=512,
       cache='',              # '' -> WORKDIR/features
+      init_seed=0,           # the random encoder's weights (fixed across the run's seeds)
   ))
 
   c.model = ml_collections.ConfigDict()
@@ -94,7 +101,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Text-only pretraining of the small decoder (only when model.decoder.hf_path is '').
   c.lm = ml_collections.ConfigDict(dict(
-      steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=50))
+      steps=300, batch_size=64, learning_rate=3e-3, warmup_steps=50,
+      seed=0))               # fixed across the run's seeds, like a downloaded checkpoint
 
   # Stage 1: sign-text alignment (FILIP contrastive + captioning).
   c.represent = ml_collections.ConfigDict(dict(
@@ -106,6 +114,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Stage 2: instruction tuning.
   c.sft = ml_collections.ConfigDict(dict(
       steps=1600, batch_size=32, learning_rate=1e-3, warmup_steps=50, weight_decay=0.01,
+      schedule='cosine',     # cosine | linear (to end_factor x peak at `steps`) | constant
+      end_factor=0.1,
       lora=True,             # False: full fine-tuning of the decoder
       eval_every=200, patience=3, eval_examples=300, log_every=50, checkpoint_every=200))
 

@@ -25,6 +25,7 @@ mix of features.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import functools
@@ -36,7 +37,7 @@ import platform
 import tempfile
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -159,7 +160,11 @@ def build_feature_cache(
   Args:
     clips: (clip_id, frames uint8[T, Hpx, Wpx, C]) pairs with T >= 1, e.g. from
       `rvlf_jax.data.video.load_frames`. Clips already in `out_dir` (same encoder and
-      settings) are skipped without encoding.
+      settings) are skipped without encoding. `frames` may also be a function of no arguments
+      returning them (a video to decode, a clip to render): it is called only for clips not
+      yet in the cache, one thread ahead of the encoder, so a resumed build reads no video
+      twice and decoding overlaps encoding. A function may return None for a clip it could
+      not read (having reported why): the clip is skipped.
     encoder_config: the DINOv2 config.
     encoder_params: its parameters (as from `rvlf_jax.hf.api.load_hf`).
     out_dir: the cache folder; created, or resumed if it holds a cache of the same encoder.
@@ -274,13 +279,21 @@ def build_feature_cache(
     if len(in_flight) > 1:
       collect(in_flight.popleft())
 
-  for index, (clip_id, frames) in enumerate(clips):
-    clip_id = str(clip_id)
-    if clip_id in seen:
-      raise ValueError(f'clip id {clip_id!r} appears twice in clips.')
-    seen.add(clip_id)
-    if clip_id in writer.clips:
-      progress.skipped()
+  def todo():
+    """(index, clip_id, frames or a loader) of the clips not in the cache yet."""
+    for index, (clip_id, frames) in enumerate(clips):
+      clip_id = str(clip_id)
+      if clip_id in seen:
+        raise ValueError(f'clip id {clip_id!r} appears twice in clips.')
+      seen.add(clip_id)
+      if clip_id in writer.clips:
+        progress.skipped()
+        continue
+      yield index, clip_id, frames
+
+  for index, clip_id, frames in _load_ahead(todo()):
+    if frames is None:
+      progress.unread()
       continue
     frames = np.asarray(frames)
     if (frames.dtype != np.uint8 or frames.ndim != 4
@@ -311,6 +324,37 @@ def build_feature_cache(
   return FeatureCache(out_dir)
 
 
+def _load_ahead(items: Iterator[tuple[int, str, Any]], depth: int = 4):
+  """Yields the items with callable frames replaced by their result, computed by one thread
+  up to `depth` clips ahead of the consumer (numpy rendering and video decoding release the
+  GIL for much of their work, so they overlap the encoder's dispatches)."""
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frames') as pool:
+    queue: collections.deque = collections.deque()
+    exhausted, error = False, None
+    while queue or not exhausted:
+      while not exhausted and len(queue) <= depth:
+        try:
+          index, clip_id, frames = next(items)
+        except StopIteration:
+          exhausted = True
+        except Exception as e:  # pylint: disable=broad-except
+          # Raised after the clips before it are encoded (and kept).
+          exhausted, error = True, e
+        else:
+          queue.append((index, clip_id, pool.submit(frames) if callable(frames) else frames))
+      if queue:
+        yield _resolved(queue.popleft())
+    if error is not None:
+      raise error
+
+
+def _resolved(item: tuple[int, str, Any]) -> tuple[int, str, Any]:
+  index, clip_id, frames = item
+  if isinstance(frames, concurrent.futures.Future):
+    frames = frames.result()
+  return index, clip_id, frames
+
+
 @dataclasses.dataclass
 class _Clip:
   clip_id: str
@@ -325,10 +369,13 @@ class _Progress:
   def __init__(self, out_dir: str, total: int | None, every: int):
     self.out_dir, self.total, self.every = out_dir, total, max(1, every)
     self.start = time.perf_counter()
-    self.clips = self.frames = self.skip = 0
+    self.clips = self.frames = self.skip = self.unreadable = 0
 
   def skipped(self):
     self.skip += 1
+
+  def unread(self):
+    self.unreadable += 1
 
   def clip_done(self, frames: int):
     self.clips += 1
@@ -340,10 +387,12 @@ class _Progress:
     elapsed = max(time.perf_counter() - self.start, 1e-9)
     rate = self.clips / elapsed
     text = (f'feature cache {self.out_dir}: {self.clips} clips encoded'
-            f'{f", {self.skip} already cached" if self.skip else ""}, {rate:.1f} clips/s, '
+            f'{f", {self.skip} already cached" if self.skip else ""}'
+            f'{f", {self.unreadable} unreadable (skipped)" if self.unreadable else ""}, '
+            f'{rate:.1f} clips/s, '
             f'{self.frames / elapsed:.0f} frames/s')
     if self.total is not None and rate > 0:
-      left = max(self.total - self.skip - self.clips, 0)
+      left = max(self.total - self.skip - self.unreadable - self.clips, 0)
       text += f', ETA {datetime.timedelta(seconds=round(left / rate))}'
     return text
 

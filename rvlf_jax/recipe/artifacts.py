@@ -211,7 +211,7 @@ def light_context(config: ml_collections.ConfigDict, workdir: str,
   decoder_cfg, family = _hf_model(path, 'the pretrained decoder')
   decoder = (decoder_cfg, family.abstract_params(decoder_cfg))
   return stages_lib.Context(config, workdir, data, decoder,
-                            stages_lib.prompt_for(data, config.data.language), log)
+                            stages_lib.prompt_for(data, config), log)
 
 
 def restore(ctx: stages_lib.Context, stage: str, which: str | int = 'best'
@@ -572,7 +572,7 @@ def sign_config(translator: Translator) -> dict[str, Any]:
   """The documented config of an export (`sign_config.json`)."""
   config, model_cfg, tok = translator.config, translator.model.config, translator.tokenizer
   decoder = model_cfg.decoder
-  template = tokenizers.PromptTemplate()
+  template = stages_lib.prompt_template(config)
   visual = None
   if translator.encoder is not None:
     visual = {

@@ -203,7 +203,8 @@ def optimizer_config(config: ml_collections.ConfigDict, stage: str,
   s = _section(config, stage)
   return _fields(optimizers.OptimizerConfig, dict(
       learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
-      total_steps=total_steps or s.steps, weight_decay=s.get('weight_decay', 0.0)), stage)
+      total_steps=total_steps or s.steps, weight_decay=s.get('weight_decay', 0.0),
+      schedule=s.get('schedule', 'cosine'), end_factor=s.get('end_factor', 0.1)), stage)
 
 
 def grpo_config(config: ml_collections.ConfigDict) -> GRPOConfig:

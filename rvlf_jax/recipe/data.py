@@ -46,6 +46,8 @@ class Data:
     visual_width: width of the 'visual' features, or None without the visual stream.
     encoder_dir: the frame encoder's HF folder (None without the visual stream).
     workers: grain worker processes.
+    in_memory: featurize each example once and keep it in memory for the rest of the run
+      (`pipeline.FeaturizedSource`), instead of featurizing it again in every epoch.
   """
 
   tokenizer: tokenizers.Tokenizer
@@ -55,35 +57,30 @@ class Data:
   visual_width: int | None
   encoder_dir: str | None
   workers: int = 0
+  in_memory: bool = False
+  _featurized: dict[str, pipeline.FeaturizedSource] = dataclasses.field(
+      default_factory=dict, repr=False)
+
+  def _source(self, split: str) -> tuple[Sequence[Any], pipeline.Featurizer | None]:
+    """(source, featurizer) for a pipeline: the split's shared in-memory source when on."""
+    if not self.in_memory:
+      return self.sources[split], self.featurizer
+    if split not in self._featurized:
+      self._featurized[split] = pipeline.FeaturizedSource(self.sources[split], self.featurizer)
+    return self._featurized[split], None
 
   def train(self, batch_size: int, seed: int, report: pipeline.SkipReport | None = None):
     """An endless, shuffled, checkpointable stream of training batches (this process's shard)."""
-    return pipeline.train_pipeline(self.sources['train'], self.featurizer, batch_size, seed=seed,
+    source, featurize = self._source('train')
+    return pipeline.train_pipeline(source, featurize, batch_size, seed=seed,
                                    pad_id=self.tokenizer.pad_id, workers=self.workers,
                                    report=report)
 
   def eval(self, split: str, batch_size: int, limit: int | None = None):
     """Every example of `split` (its first `limit`) once, in order, in padded batches."""
-    source = self.sources[split]
-    if limit is not None and limit < len(source):
-      source = _Head(source, limit)
-    return pipeline.eval_pipeline(source, self.featurizer, batch_size,
-                                  pad_id=self.tokenizer.pad_id)
-
-
-class _Head:
-  """The first n examples of a source."""
-
-  def __init__(self, source: Sequence[Any], n: int):
-    self.source, self.n = source, n
-
-  def __len__(self) -> int:
-    return self.n
-
-  def __getitem__(self, index: int):
-    if not 0 <= index < self.n:
-      raise IndexError(index)
-    return self.source[index]
+    source, featurize = self._source(split)
+    return pipeline.eval_pipeline(source, featurize, batch_size, pad_id=self.tokenizer.pad_id,
+                                  limit=limit)
 
 
 def synthsign_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -108,8 +105,9 @@ def _synthsign(config: ml_collections.ConfigDict, workdir: str, log: Callable[[s
   def clips():
     for split in SPLITS:
       for i in range(ds.num_examples(split)):
-        example = ds.example(split, i, frames=True)
-        yield example['id'], example['frames']
+        # Rendered only when the feature cache lacks the clip.
+        render = lambda split=split, i=i: ds.example(split, i, frames=True)['frames']
+        yield ds.example_id(split, i), render
 
   num_clips = sum(ds.num_examples(s) for s in SPLITS)
   return sources, texts, clips, num_clips
@@ -236,8 +234,9 @@ def frame_encoder(config: ml_collections.ConfigDict, workdir: str,
   """(HF folder, config, params) of the frozen frame encoder.
 
   visual.hf_path is read as it is; otherwise a DINOv2 of the configured sizes is initialised
-  from the run's seed and written to WORKDIR/dinov2 in HF format (no pretrained weights exist on
-  this machine, so its features are random projections of the frames).
+  from visual.init_seed and written to WORKDIR/dinov2 in HF format (no pretrained weights exist
+  on this machine, so its features are random projections of the frames). That seed is not the
+  run's: like a pretrained checkpoint, the frozen encoder is the same for every seed of a run.
   """
   if config.visual.hf_path:
     cfg, params = hf_api.load_hf(config.visual.hf_path)
@@ -251,7 +250,7 @@ def frame_encoder(config: ml_collections.ConfigDict, workdir: str,
   model = vit.VisionTransformer(cfg)
   image = np.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), np.float32)
   params = jax.jit(lambda key: nn.meta.unbox(model.init(key, image)['params']))(
-      jax.random.key(config.seed + 7919))
+      jax.random.key(int(config.visual.get('init_seed', 0)) + 7919))
   hf_api.save_hf(cfg, params, path)
   saved, params = hf_api.load_hf(path)
   return path, saved, params
@@ -278,4 +277,5 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
     visual_width = build.visual_dim(config, encoder_cfg.hidden_size)
   stats = _keypoint_stats(config, workdir, sources['train'], log)
   return Data(tokenizer, featurizer(config, tokenizer, cache, stats), sources, texts,
-              visual_width, encoder_dir, workers=config.data.workers)
+              visual_width, encoder_dir, workers=config.data.workers,
+              in_memory=bool(config.data.get('in_memory', False)))

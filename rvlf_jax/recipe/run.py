@@ -68,17 +68,23 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
 def pretrained_decoder(config: ml_collections.ConfigDict, workdir: str, data: data_lib.Data,
                        log: Callable[[str], None]):
   """(DecoderConfig, params) of the LLM: model.decoder.hf_path, or the small decoder pretrained
-  on the train split's text, saved in HF format and read back through the HF import."""
+  on the train split's text (seeded by lm.seed, not the run's seed: it stands for a pretrained
+  checkpoint, the same for every seed), saved in HF format and read back through the HF import."""
   if config.model.decoder.hf_path:
     return hf_api.load_hf(config.model.decoder.hf_path)
   decoder_cfg = build.decoder_config(config, data.tokenizer.vocab_size)
   out = os.path.join(workdir, DECODER_DIR)
-  l = config.lm
-  lm_cfg = lm.LMConfig(steps=int(l.steps), batch_size=int(l.batch_size),
-                       learning_rate=float(l.learning_rate), warmup_steps=int(l.warmup_steps),
-                       max_len=int(config.data.token_buckets[-1]) + 1, seed=int(config.seed))
-  lm.pretrain_to_hf(decoder_cfg, data.tokenizer, data.texts['train'], lm_cfg, out, log=log)
+  lm.pretrain_to_hf(decoder_cfg, data.tokenizer, data.texts['train'], lm_config(config), out,
+                    log=log)
   return lm.load_pretrained(out)
+
+
+def lm_config(config: ml_collections.ConfigDict) -> lm.LMConfig:
+  """The text-only pretraining settings (config.lm)."""
+  l = config.lm
+  return lm.LMConfig(steps=int(l.steps), batch_size=int(l.batch_size),
+                     learning_rate=float(l.learning_rate), warmup_steps=int(l.warmup_steps),
+                     max_len=int(config.data.token_buckets[-1]) + 1, seed=int(l.get('seed', 0)))
 
 
 def read_results(workdir: str) -> dict[str, Any]:
@@ -147,7 +153,7 @@ def context(config: ml_collections.ConfigDict, workdir: str,
   data = data_lib.prepare(config, workdir, log)
   decoder = pretrained_decoder(config, workdir, data, log)
   return stages_lib.Context(config, workdir, data, decoder,
-                            stages_lib.prompt_for(data, config.data.language), log)
+                            stages_lib.prompt_for(data, config), log)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, stages: Sequence[str],

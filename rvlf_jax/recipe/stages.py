@@ -62,9 +62,23 @@ class MissingCheckpointError(FileNotFoundError):
   """A stage was asked to start from a stage that has not been run in this workdir."""
 
 
-def prompt_for(data: Data, language: str) -> slt.Prompt:
-  """The instruction ids around the sign tokens, for the data's tokenizer and `language`."""
-  ids = tokenizers.PromptTemplate().prompt(data.tokenizer, language)
+def prompt_template(config: ml_collections.ConfigDict) -> tokenizers.PromptTemplate:
+  """The config's instruction (prompt.instruction, prompt.system), the library's default when
+  the config has no prompt section."""
+  section = config.get('prompt')
+  if section is None:
+    return tokenizers.PromptTemplate()
+  try:
+    return tokenizers.PromptTemplate(instruction=str(section.instruction),
+                                     system=section.get('system') or None)
+  except ValueError as e:
+    raise build.ConfigError(f'prompt.instruction: {e}') from e
+
+
+def prompt_for(data: Data, config: ml_collections.ConfigDict) -> slt.Prompt:
+  """The instruction ids around the sign tokens, for the data's tokenizer and the config's
+  instruction and data.language."""
+  ids = prompt_template(config).prompt(data.tokenizer, config.data.language)
   return slt.Prompt(np.asarray(ids.before, np.int32), np.asarray(ids.after, np.int32))
 
 

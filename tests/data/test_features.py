@@ -158,6 +158,26 @@ def test_resume_skips_cached_clips(params, tmp_path):
   assert len(cache.manifest['shards']) == 2
 
 
+def test_loaders_called_only_for_uncached_clips(f32_cache, params, tmp_path):
+  clips = make_clips()
+  ft.build_feature_cache(clips[:2], CONFIG, params, tmp_path, **SAME)
+  called = []
+
+  def loader(clip_id, frames):
+    def load():
+      called.append(clip_id)
+      return frames
+    return clip_id, load
+
+  unreadable = ('clip-gone', lambda: called.append('clip-gone'))  # returns None: skipped
+  lazy = [loader(i, f) for i, f in clips] + [unreadable]
+  cache = ft.build_feature_cache(lazy, CONFIG, params, tmp_path, **SAME)
+  assert sorted(called) == ['clip-2', 'clip-3', 'clip-gone']
+  assert cache.ids() == f32_cache.ids()
+  for clip_id in cache.ids():
+    np.testing.assert_array_equal(cache.get(clip_id)['dense'], f32_cache.get(clip_id)['dense'])
+
+
 def test_interrupted_build_resumes(f32_cache, params, tmp_path):
   clips = make_clips()
 

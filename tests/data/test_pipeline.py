@@ -1,5 +1,6 @@
 """grain pipelines: buckets, epochs, sharding, checkpointed iterators, skips."""
 
+import dataclasses
 import functools
 import logging
 import os
@@ -123,6 +124,37 @@ def test_restored_iterator_yields_the_same_batches(workers):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+@dataclasses.dataclass(frozen=True)
+class CountingFeaturizer(Featurizer):
+  calls: list = dataclasses.field(default_factory=list)
+
+  def __call__(self, example):
+    self.calls.append(example['id'])
+    return super().__call__(example)
+
+
+def test_featurized_source_featurizes_each_example_once():
+  """In memory, two epochs give the batches of the plain pipeline and featurize once each;
+  eval pipelines share the source; skipped examples stay skipped."""
+  source = pipeline.SplitSource(FakeDataset(12, broken={5: 'nan'}), 'train')
+  counting = CountingFeaturizer(tokenizer=WordTokenizer(), buckets=BUCKETS)
+  memory = pipeline.FeaturizedSource(source, counting)
+  plain = list(pipeline.train_pipeline(source, featurizer(), 4, seed=3, num_epochs=2,
+                                       shard=(0, 1)))
+  cached = list(pipeline.train_pipeline(memory, None, 4, seed=3, num_epochs=2, shard=(0, 1)))
+  assert len(cached) == len(plain) and ids_of(cached) == ids_of(plain)
+  for got, want in zip(cached, plain):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert sorted(counting.calls) == sorted(f'train-{i}' for i in range(12))
+  head = list(pipeline.eval_pipeline(memory, None, 4, shard=(0, 1), limit=6))
+  assert ids_of(head) == [f'train-{i}' for i in range(6) if i != 5]
+  assert len(counting.calls) == 12  # nothing featurized again
+  assert pickle.loads(pickle.dumps(memory))._cache == {}  # workers get the recipe, not the data
+  with pytest.raises(ValueError, match='own featurizer'):
+    pipeline.train_pipeline(memory, featurizer(), 4, seed=0)
+
+
 def test_eval_yields_every_example_once_in_order():
   source = pipeline.SplitSource(FakeDataset(10), 'dev')
   batches = list(pipeline.eval_pipeline(source, featurizer(), 4, shard=(0, 1)))
@@ -228,7 +260,9 @@ def test_annotation_clips_skip_missing_videos(tmp_path):
   ]
   report = SkipReport('clips')
   clips = list(pipeline.annotation_clips(records, size=8, report=report))
-  assert [c[0] for c in clips] == ['a'] and clips[0][1].shape == (3, 8, 8, 3)
+  assert [c[0] for c in clips] == ['a', 'b'] and report.total == 0  # nothing read yet
+  frames = [load() for _, load in clips]
+  assert frames[0].shape == (3, 8, 8, 3) and frames[1] is None
   assert report.total == 1 and 'gone.mp4' in report.summary()
   with pytest.raises(ValueError, match='gone.mp4'):
-    list(pipeline.annotation_clips(records, strict=True))
+    [load() for _, load in pipeline.annotation_clips(records, strict=True)]

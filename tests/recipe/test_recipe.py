@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from configs import synthsign
 from launch import train as train_launch
 from rvlf_jax.recipe import build, run
+from rvlf_jax.recipe import data as data_lib
 from rvlf_jax.recipe import stages as stages_lib
 from rvlf_jax.train import loop
 
@@ -162,6 +164,33 @@ def test_bad_values_name_their_key():
     build.check(config, stages=build.STAGES, num_devices=1)
   with pytest.raises(ValueError, match="unknown variant 'huge'"):
     synthsign.get_config('huge')
+
+
+def test_prompt_and_schedule_come_from_the_config(tiny_run):
+  config = synthsign.get_config('tiny')
+  assert stages_lib.prompt_template(config).instruction == config.prompt.instruction
+  config.prompt.instruction = 'Translate into {language}:'
+  with pytest.raises(build.ConfigError, match=r"prompt.instruction: .*'\{sign\}' exactly once"):
+    stages_lib.prompt_template(config)
+  config.sft.update(schedule='constant', learning_rate=3e-3)
+  opt = build.optimizer_config(config, 'sft')
+  assert (opt.schedule, opt.learning_rate) == ('constant', 3e-3)
+  config.sft.schedule = 'step'
+  with pytest.raises(build.ConfigError, match=r"sft: schedule must be"):
+    build.optimizer_config(config, 'sft')
+
+
+def test_pretrained_parts_do_not_depend_on_the_seed(tiny_run, tmp_path):
+  """The random frame encoder and the text-pretrained decoder stand for downloaded
+  checkpoints: another seed of the run gets the same ones."""
+  config = synthsign.get_config('tiny')
+  config.seed = 1
+  _, _, params = data_lib.frame_encoder(config, str(tmp_path), log=lambda line: None)
+  _, _, first = data_lib.frame_encoder(tiny_run.config, tiny_run.workdir, log=lambda line: None)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(first)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lm_config = run.lm_config(config)
+  assert lm_config.seed == run.lm_config(tiny_run.config).seed == config.lm.seed
 
 
 def test_missing_checkpoint_fails_before_any_work(tmp_path):

@@ -140,6 +140,11 @@ class SynthSign:
                              _rng(self.config, split, index, 'scene'), self.config.fps,
                              self.config.image_size)
 
+  def example_id(self, split: str, index: int) -> str:
+    """The id of an example, e.g. 'synthsign-0-train-000017' (nothing is generated)."""
+    self._check_index(split, index)
+    return f'synthsign-{self.config.seed}-{split}-{index:06d}'
+
   def example(self, split: str, index: int, frames: bool = True) -> dict[str, Any]:
     """One example.
 
@@ -168,7 +173,7 @@ class SynthSign:
       keypoints, scores = self._cached_arrays(split, row)
       text = {k: row[k] for k in ('text', 'paraphrases', 'glosses', 'nonmanual', 'signer')}
       text['gloss_times'] = np.asarray(row['gloss_times'], np.float32).reshape(-1, 2)
-    out = {'id': f'synthsign-{self.config.seed}-{split}-{index:06d}', 'keypoints': keypoints,
+    out = {'id': self.example_id(split, index), 'keypoints': keypoints,
            'scores': scores, **text, 'fps': float(self.config.fps), 'split': split, 'index': index}
     if frames:
       out['frames'] = render.render(sc, _rng(self.config, split, index, 'render'))
