@@ -129,7 +129,7 @@ def get_config(arg: str | None, *, name: str, data: dict[str, Any], dinov2: str,
   c.represent.update(represent)
   # Stage 2: LoRA instruction tuning, early stopping on dev BLEU.
   c.sft.update(
-      batch_size=64, learning_rate=2e-4, weight_decay=0.0, lora=True, patience=4,
+      batch_size=64, learning_rate=2e-4, weight_decay=0.0, schedule='cosine', lora=True, patience=4,
       eval_examples=dev_clips, log_every=20)
   c.sft.update(sft)
   c.sft.checkpoint_every = c.sft.eval_every
