@@ -123,7 +123,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Stage 3: GRPO.
   c.grpo = ml_collections.ConfigDict(dict(
-      steps=120, batch_size=8, group_size=8, learning_rate=5e-4, warmup_steps=10,
+      steps=160, batch_size=8, group_size=8, learning_rate=5e-4, warmup_steps=10,
       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=24,
       rewards=(('bleu', 0.5), ('rouge_l', 0.5)), advantage='grpo', epsilon=0.2,
       epsilon_high=0.0,      # 0: symmetric clipping
