@@ -7,7 +7,7 @@ r"""Exports a trained translator: HF decoder (LoRA merged) + tokenizer, DINOv2, 
 --checkpoint is the --workdir of a launch.train run; --checkpoint_stage picks its GRPO or SFT
 translator (default: GRPO if it was trained, else SFT), at its best dev BLEU-4. OUT gets decoder/
 (an HF folder transformers loads), dinov2/ (when the model reads frames), sign_encoder.safetensors,
-sign_config.json and a README.md saying how to load each (`rvlf_jax.recipe.artifacts.export`). A
+sign_config.json and a README.md saying how to load each (`rvlf_jax.recipe.export.export`). A
 non-empty OUT is replaced only with --overwrite. Prints the folder it wrote. """
 
 import sys
@@ -36,11 +36,11 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
   # pylint: disable-next=g-import-not-at-top  (jax, orbax, transformers: --help stays fast)
-  from rvlf_jax.recipe import artifacts
+  from rvlf_jax.recipe import artifacts, export as export_lib
   log = lambda line: print(line, file=sys.stderr, flush=True)
   try:
     translator = artifacts.load_translator(_CHECKPOINT.value, _STAGE.value, log=log)
-    out = artifacts.export(translator, _OUT.value, overwrite=_OVERWRITE.value)
+    out = export_lib.export(translator, _OUT.value, overwrite=_OVERWRITE.value)
   except (ValueError, OSError) as e:
     sys.exit(f'launch.export_hf: {e}')
   print(out)

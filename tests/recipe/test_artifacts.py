@@ -1,4 +1,5 @@
-"""recipe.artifacts on the tiny run's workdir: restoring, a clip as the pipeline sees it, export."""
+"""recipe.artifacts and recipe.export on the tiny run's workdir: restoring, a clip as the
+pipeline sees it, export."""
 
 import dataclasses
 import json
@@ -16,6 +17,7 @@ from rvlf_jax.eval import evaluate as evaluate_lib
 from rvlf_jax.hf import api as hf_api
 from rvlf_jax.models.decoder import Decoder
 from rvlf_jax.recipe import artifacts, build, lm, run
+from rvlf_jax.recipe import export as export_lib
 from rvlf_jax.recipe import data as data_lib
 from rvlf_jax.recipe import stages
 from rvlf_jax.train import params as params_lib
@@ -159,7 +161,7 @@ def test_export_loads_in_transformers_and_holds_the_sign_encoder(translator, tmp
   import transformers  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 
-  out = artifacts.export(translator, str(tmp_path / 'export'))
+  out = export_lib.export(translator, str(tmp_path / 'export'))
   decoder_dir = os.path.join(out, 'decoder')
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(decoder_dir, dtype=torch.float32)
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(decoder_dir)
@@ -170,11 +172,11 @@ def test_export_loads_in_transformers_and_holds_the_sign_encoder(translator, tmp
   with torch.no_grad():
     theirs = hf_model(torch.from_numpy(ids).long()).logits.numpy()
   ours = Decoder(translator.model.config.decoder).apply(
-      {'params': artifacts.merged_decoder(translator)}, ids).logits
+      {'params': export_lib.merged_decoder(translator)}, ids).logits
   np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
 
-  saved = load_file(os.path.join(out, artifacts.SIGN_WEIGHTS))
-  expected = artifacts.sign_tensors(translator.params)
+  saved = load_file(os.path.join(out, export_lib.SIGN_WEIGHTS))
+  expected = export_lib.sign_tensors(translator.params)
   assert 'sign_encoder/skeleton/parts/fc1_kernel' in saved and 'projector/fc2/kernel' in saved
   assert sorted(saved) == sorted(expected)
   leaves = jax.tree.leaves({k: translator.params[k] for k in ('sign_encoder', 'projector')})
@@ -184,20 +186,20 @@ def test_export_loads_in_transformers_and_holds_the_sign_encoder(translator, tmp
 
   _, encoder_params = hf_api.load_hf(os.path.join(out, artifacts.ENCODER_DIR))
   assert_trees_equal(encoder_params, jax.device_get(translator.encoder.params))
-  with open(os.path.join(out, artifacts.SIGN_CONFIG)) as f:
+  with open(os.path.join(out, export_lib.SIGN_CONFIG)) as f:
     config = json.load(f)
-  assert (config['format'], config['version']) == (artifacts.EXPORT_FORMAT,
-                                                   artifacts.EXPORT_VERSION)
+  assert (config['format'], config['version']) == (export_lib.EXPORT_FORMAT,
+                                                   export_lib.EXPORT_VERSION)
   assert config['prompt']['before_ids'] == list(translator.prompt.before)
   assert config['prompt']['after_ids'] == list(translator.prompt.after)
   assert config['decoder']['hidden_size'] == translator.model.config.decoder.hidden_size
   assert config['tokenizer']['eos_id'] == translator.tokenizer.eos_id
   assert config['sign_encoder']['fusion']['d_model'] == config['projector']['input_size']
-  assert os.path.exists(os.path.join(out, artifacts.README))
+  assert os.path.exists(os.path.join(out, export_lib.README))
 
   with pytest.raises(FileExistsError, match='not empty; refusing to overwrite'):
-    artifacts.export(translator, out)
-  artifacts.export(translator, out, overwrite=True)
+    export_lib.export(translator, out)
+  export_lib.export(translator, out, overwrite=True)
   assert sorted(os.listdir(out)) == sorted([
-      'decoder', artifacts.ENCODER_DIR, artifacts.SIGN_WEIGHTS, artifacts.SIGN_CONFIG,
-      artifacts.README])
+      'decoder', artifacts.ENCODER_DIR, export_lib.SIGN_WEIGHTS, export_lib.SIGN_CONFIG,
+      export_lib.README])

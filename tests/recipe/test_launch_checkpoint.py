@@ -17,6 +17,7 @@ from launch import evaluate as evaluate_launch
 from launch import export_hf as export_launch
 from launch import translate as translate_launch
 from rvlf_jax.recipe import artifacts
+from rvlf_jax.recipe import export as export_lib
 from tests.recipe.test_artifacts import write_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,12 +70,12 @@ def test_export_hf_writes_once_then_needs_overwrite(tiny_run, tmp_path, capsys):
   run_main(export_launch, checkpoint=tiny_run.workdir, checkpoint_stage='sft', out=out,
            overwrite=False)
   assert capsys.readouterr().out.splitlines()[-1] == out
-  with open(os.path.join(out, artifacts.SIGN_CONFIG)) as f:
+  with open(os.path.join(out, export_lib.SIGN_CONFIG)) as f:
     assert json.load(f)['source']['stage'] == 'sft'
   with pytest.raises(SystemExit, match=r'^launch.export_hf: .*refusing to overwrite'):
     run_main(export_launch, checkpoint=tiny_run.workdir, out=out, overwrite=False)
   run_main(export_launch, checkpoint=tiny_run.workdir, out=out, overwrite=True)
-  with open(os.path.join(out, artifacts.SIGN_CONFIG)) as f:
+  with open(os.path.join(out, export_lib.SIGN_CONFIG)) as f:
     assert json.load(f)['source']['stage'] == 'grpo'
 
 
