@@ -405,8 +405,8 @@ class KeypointStats:
   After `normalize`, a joint's coordinates vary little over a clip (hand shapes and movements
   span a few hundredths to a tenth of a shoulder width) around large static offsets (the face
   sits ~0.4 shoulder widths from the shoulders' centre): a linear layer sees mostly the offsets,
-  and an encoder learns the signing slowly. Standardising each coordinate by its training-set statistics puts every joint's
-  motion on the same unit scale. Measured on SynthSign (a gloss-presence probe of the skeleton
+  and an encoder learns the signing slowly. Standardising each coordinate by its training-set
+  statistics puts every joint's motion on the same unit scale. Measured on SynthSign (a gloss-presence probe of the skeleton
   encoder, 600 steps): dev recall of the glosses 40% standardised vs 21% not.
 
   Attributes:

@@ -41,7 +41,7 @@ SKIPPED = '__skipped__'
 
 
 def skipped(example_id: str, reason: str) -> dict[str, str]:
-  """The placeholder a lenient source returns for an example it could not read."""
+  """The marker a lenient source returns for an example it could not read."""
   return {SKIPPED: reason, 'id': example_id}
 
 
@@ -311,7 +311,6 @@ class FeaturizedSource:
   def __init__(self, source: Sequence[Any], featurize: Featurizer):
     self.source, self.featurize = source, featurize
     self._cache: dict[int, dict[str, Any]] = {}
-    self._locks: dict[int, threading.Lock] = {}
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
@@ -323,9 +322,8 @@ class FeaturizedSource:
     if example is not None:
       return example
     # grain's reader threads may ask for one index twice at an epoch boundary: one computes.
+    # (Featurizing holds the GIL anyway, so one lock for all indices costs little.)
     with self._lock:
-      lock = self._locks.setdefault(index, threading.Lock())
-    with lock:
       example = self._cache.get(index)
       if example is None:
         example = self._cache[index] = self.featurize(self.source[index])
@@ -344,13 +342,12 @@ class FeaturizedSource:
 def _featurized(source: Sequence[Any], featurize: Featurizer | None
                 ) -> tuple[grain.MapDataset, Featurizer, bool]:
   """(examples, featurizer, whether they still need featurizing) of a pipeline's input."""
-  if isinstance(source, FeaturizedSource):
-    if featurize is not None and featurize is not source.featurize:
-      raise ValueError('a FeaturizedSource carries its own featurizer; pass featurize=None.')
-    return grain.MapDataset.source(source), source.featurize, False
-  if featurize is None:
+  ready = isinstance(source, FeaturizedSource)
+  if ready and featurize is not None and featurize is not source.featurize:
+    raise ValueError('a FeaturizedSource carries its own featurizer; pass featurize=None.')
+  if not ready and featurize is None:
     raise ValueError('featurize is required unless the source is a FeaturizedSource.')
-  return grain.MapDataset.source(source), featurize, True
+  return grain.MapDataset.source(source), source.featurize if ready else featurize, not ready
 
 
 def annotation_clips(records: Sequence[annotations.Annotation], *, size: int | None = None,

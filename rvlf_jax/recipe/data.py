@@ -181,11 +181,9 @@ def load_keypoint_stats(config: ml_collections.ConfigDict,
 def _keypoint_stats(config: ml_collections.ConfigDict, workdir: str, train: Sequence[Any],
                     log: Callable[[str], None]) -> keypoints.KeypointStats | None:
   """Fits (the first time) the per-joint statistics of up to data.stats_examples train clips."""
-  if not config.data.get('standardize', False):
-    return None
   path = os.path.join(workdir, KEYPOINT_STATS)
-  if os.path.exists(path):
-    return keypoints.KeypointStats.load(path)
+  if not config.data.get('standardize', False) or os.path.exists(path):
+    return load_keypoint_stats(config, workdir)
   plain = featurizer(config, None, stats=None)
   n = min(len(train), int(config.data.stats_examples))
   log(f'keypoint statistics of {n} train clips -> {path}')
