@@ -119,7 +119,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       schedule='constant',   # cosine | linear (to end_factor x peak at `steps`) | constant
       end_factor=0.1,
       lora=True,             # False: full fine-tuning of the decoder
-      eval_every=200, patience=3, eval_examples=300, log_every=50, checkpoint_every=200))
+      eval_every=200, eval_examples=300, log_every=50, checkpoint_every=200,
+      # Stop after `patience` evaluations without a new best mean of the last `stop_window`
+      # dev BLEU-4s: on 300 clips it moves 1-2 points between nearby checkpoints.
+      patience=3, stop_window=3))
 
   # Stage 3: GRPO.
   c.grpo = ml_collections.ConfigDict(dict(

@@ -178,7 +178,8 @@ def run_sft(ctx: Context, sign_params: Any | None) -> tuple[slt.SLTModel, Any, l
   state, history = loop.run_stage(
       'sft', init, step, lambda: ctx.data.train(int(cfg.batch_size), ctx.seed), ctx.workdir,
       eval_fn=_dev_eval(ctx, model, cfg), eval_every=int(cfg.eval_every), best_metric='bleu4',
-      early_stopping_patience=int(cfg.patience) or None, **_stage_kwargs(cfg, ctx.config))
+      early_stopping_patience=int(cfg.patience) or None,
+      early_stopping_window=int(cfg.stop_window), **_stage_kwargs(cfg, ctx.config))
   return model, params_lib.merge(state.params, state.frozen), history
 
 

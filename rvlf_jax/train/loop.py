@@ -82,12 +82,26 @@ class _Progress:
   step: int = 0
   elapsed_s: float = 0.0  # training wall time over all runs up to this checkpoint
   best: dict[str, Any] | None = None  # {'step': int, 'metrics': {name: float}}
-  evals_since_best: int = 0
+  evals_since_best: int = 0  # evaluations since the running mean last improved
   stop_reason: str | None = None
+  recent: list[float] = dataclasses.field(default_factory=list)  # the window's best_metric
+  best_mean: float | None = None  # the best running mean of `recent` so far
 
   @classmethod
   def from_meta(cls, meta: Mapping[str, Any]) -> _Progress:
-    return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+    # Checkpoints written before `recent`/`best_mean` existed resume with their defaults.
+    return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls) if f.name in meta})
+
+  def record(self, value: float, window: int, mode: str) -> None:
+    """Adds an evaluation of best_metric to the running mean that early stopping watches."""
+    self.recent = (self.recent + [value])[-window:]
+    mean = sum(self.recent) / len(self.recent)
+    better = (self.best_mean is None or
+              (mean > self.best_mean if mode == 'max' else mean < self.best_mean))
+    if better:
+      self.best_mean, self.evals_since_best = mean, 0
+    else:
+      self.evals_since_best += 1
 
   def to_meta(self, metrics: Mapping[str, float], eval_metrics: Mapping[str, float] | None
               ) -> dict[str, Any]:
@@ -232,7 +246,7 @@ def _improved(value: float, best: dict[str, Any] | None, metric: str, mode: str)
 
 
 def _validate(*, num_steps, eval_fn, eval_every, best_metric, best_mode, checkpoint_every, keep,
-              log_every, early_stopping_patience, time_limit_s) -> None:
+              log_every, early_stopping_patience, early_stopping_window, time_limit_s) -> None:
   if num_steps < 1 or checkpoint_every < 1 or log_every < 1 or keep < 1 or eval_every < 0:
     raise ValueError(f'num_steps ({num_steps}), checkpoint_every ({checkpoint_every}), log_every '
                      f'({log_every}) and keep ({keep}) must be >= 1, eval_every ({eval_every}) '
@@ -244,6 +258,8 @@ def _validate(*, num_steps, eval_fn, eval_every, best_metric, best_mode, checkpo
   if early_stopping_patience is not None and (best_metric is None or early_stopping_patience < 1):
     raise ValueError('early_stopping_patience needs a best_metric and must be >= 1, got '
                      f'{early_stopping_patience}.')
+  if early_stopping_window < 1:
+    raise ValueError(f'early_stopping_window must be >= 1, got {early_stopping_window}.')
   if time_limit_s is not None and time_limit_s <= 0:
     raise ValueError(f'time_limit_s must be positive, got {time_limit_s}.')
 
@@ -265,6 +281,7 @@ def run_stage(
     keep: int = 2,
     log_every: int = 50,
     early_stopping_patience: int | None = None,
+    early_stopping_window: int = 1,
     time_limit_s: float | None = None,
     return_best: bool = True,
     loss_key: str = 'loss',
@@ -299,7 +316,11 @@ def run_stage(
     keep: how many of the latest checkpoints to keep (plus the best one).
     log_every: steps between logged train records and progress lines (and the last step).
     early_stopping_patience: stop after this many evaluations in a row without an improvement
-      of `best_metric` (None: never).
+      of `best_metric`'s running mean (None: never).
+    early_stopping_window: the running mean is over this many latest evaluations. 1 watches
+      each evaluation itself; more keeps the noise of a small dev set (BLEU-4 on 300 clips
+      moves by 1-2 points between nearby checkpoints) from stopping a stage that still learns.
+      The best checkpoint is still the best single evaluation.
     time_limit_s: stop after this much training wall time, counted over all runs of the
       stage (the time after the last checkpoint of an interrupted run is not counted).
     return_best: return the best evaluated state rather than the last one.
@@ -319,7 +340,7 @@ def run_stage(
   _validate(num_steps=num_steps, eval_fn=eval_fn, eval_every=eval_every, best_metric=best_metric,
             best_mode=best_mode, checkpoint_every=checkpoint_every, keep=keep,
             log_every=log_every, early_stopping_patience=early_stopping_patience,
-            time_limit_s=time_limit_s)
+            early_stopping_window=early_stopping_window, time_limit_s=time_limit_s)
   stage_dir = os.path.join(workdir, stage)
   checkpoint_dir = os.path.join(stage_dir, CHECKPOINTS_DIR)
   is_main = jax.process_index() == 0
@@ -365,7 +386,8 @@ def run_stage(
         stage, state, step_fn, iterator, manager, log, progress, num_steps=num_steps,
         seed=seed, eval_fn=eval_fn, eval_every=eval_every, best_metric=best_metric,
         best_mode=best_mode, checkpoint_every=checkpoint_every, log_every=log_every,
-        patience=early_stopping_patience, time_limit_s=time_limit_s, loss_key=loss_key,
+        patience=early_stopping_patience, window=early_stopping_window,
+        time_limit_s=time_limit_s, loss_key=loss_key,
         callbacks=callbacks, last_checkpoint=latest, checkpoint_dir=checkpoint_dir)
     manager.wait_until_finished()
 
@@ -391,7 +413,7 @@ def _train(stage: str, state: Any, step_fn: StepFn, iterator: Any,
            manager: ocp.CheckpointManager, log: metrics_log.MetricsLog, progress: _Progress, *,
            num_steps: int, seed: int, eval_fn: EvalFn | None, eval_every: int,
            best_metric: str | None, best_mode: str, checkpoint_every: int, log_every: int,
-           patience: int | None, time_limit_s: float | None, loss_key: str,
+           patience: int | None, window: int, time_limit_s: float | None, loss_key: str,
            callbacks: Sequence[Callback], last_checkpoint: int | None, checkpoint_dir: str
            ) -> Any:
   """Steps from `progress.step` until a stop reason is set; updates `progress` in place."""
@@ -445,11 +467,9 @@ def _train(stage: str, state: Any, step_fn: StepFn, iterator: Any,
                          f'best_metric {best_metric!r}.')
         if _improved(eval_metrics[best_metric], progress.best, best_metric, best_mode):
           progress.best = {'step': step, 'metrics': eval_metrics}
-          progress.evals_since_best = 0
-        else:
-          progress.evals_since_best += 1
-          if patience is not None and progress.evals_since_best >= patience:
-            progress.stop_reason = 'early_stopping'
+        progress.record(eval_metrics[best_metric], window, best_mode)
+        if patience is not None and progress.evals_since_best >= patience:
+          progress.stop_reason = 'early_stopping'
     if progress.stop_reason is None and time_up:
       progress.stop_reason = 'time_limit'
     elif progress.stop_reason is None and step >= num_steps:

@@ -225,6 +225,31 @@ def test_early_stopping_and_a_finished_stage_is_not_rerun(tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
+def test_early_stopping_watches_the_running_mean_across_a_resume(tmp_path):
+  workdir = str(tmp_path)
+  # Noisy but rising: a dip below the best at 6 and 8, then a new best. Watched evaluation by
+  # evaluation (window 1) this stops at step 8; the mean of the last 2 still rises until 12.
+  scores = {2: 1.0, 4: 3.0, 6: 2.0, 8: 2.5, 10: 3.5, 12: 2.0, 14: 1.5, 16: 1.0}
+  kwargs = dict(eval_fn=scripted_eval(scores), eval_every=2, best_metric='score',
+                early_stopping_patience=2, checkpoint_every=100, plot=False)
+  _, plain = loop.run_stage('plain', init_state, STEP, make_data(), workdir, num_steps=20,
+                            **kwargs)
+  assert plain.stop_reason == 'early_stopping' and plain.step == 8
+  # Means of the last two: 1, 2, 2.5, 2.25, 3, 2.75, 1.75: no new best mean after step 10.
+  # Interrupted at step 8: the window's values come back from its checkpoint.
+  _, first = loop.run_stage('smooth', init_state, STEP, make_data(), workdir, num_steps=8,
+                            early_stopping_window=2, **kwargs)
+  assert first.stop_reason == 'num_steps'
+  state, history = loop.run_stage('smooth', init_state, STEP, make_data(), workdir,
+                                  num_steps=20, early_stopping_window=2, **kwargs)
+  assert history.resumed_from == 8
+  assert history.stop_reason == 'early_stopping' and history.step == 14
+  assert history.best['step'] == 10 and int(state.step) == 10  # the best single evaluation
+  with pytest.raises(ValueError, match='early_stopping_window must be >= 1, got 0'):
+    loop.run_stage('bad', init_state, STEP, make_data(), workdir, num_steps=4,
+                   early_stopping_window=0, **kwargs)
+
+
 def test_time_limit_stops_and_counts_as_finished(tmp_path):
   workdir = str(tmp_path)
 
