@@ -209,13 +209,15 @@ class TemporalConv(nn.Module):
     features: F.
     kernel: k (>= stride).
     stride: s.
-    axes: logical names of the kernel's (in, out) dims.
+    axes: logical names of the kernel's (in, out) dims. The input dim carries none by default:
+      with it split over 'fsdp' on a mesh whose three axes all exceed 1, XLA (jax 0.10.2, CPU)
+      computes wrong input gradients through stacked strided convs (tests/test_sharding.py).
   """
 
   features: int
   kernel: int
   stride: int = 1
-  axes: tuple[str | None, str | None] = ('embed', 'mlp')
+  axes: tuple[str | None, str | None] = (None, 'mlp')
   dtype: layers.DType = jnp.float32
   param_dtype: layers.DType = jnp.float32
 
