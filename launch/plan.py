@@ -197,10 +197,7 @@ def grpo_program(config: ml_collections.ConfigDict, prompt: slt.Prompt) -> Progr
   cfg = build.grpo_config(config)
   boxed = model.abstract_params(boxed=True)
   params = nn.meta.unbox(boxed)
-  trainer = grpo.GRPOTrainer(model, tx, prompt, None, cfg)
-  # pylint: disable=protected-access
-  prefix, update = trainer._prefix, trainer._update.__wrapped__  # before GRPOTrainer's jax.jit
-  # pylint: enable=protected-access
+  prefix, update = grpo.make_prefix(model, prompt), grpo.make_update(model, tx, cfg)
   b = int(config.grpo.batch_size)
   embeds, valid = jax.eval_shape(prefix, params, _bucket_batch(model.config.sign, b, config))
   rows, n = b * cfg.group_size, cfg.sampling.max_new_tokens

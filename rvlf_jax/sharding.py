@@ -39,6 +39,10 @@ Typical use (one stage; `mask` says which parameters it trains):
   batch_sh = sharding.batch_sharding(mesh)
   step = sharding.shard_step(sft.make_step(model, tx, prompt), state_sh, batch_sh, mesh)
   state, metrics = step(state, sharding.global_batch(local_batch, batch_sh), rng)
+
+Several processes (multi-host): each passes its own rows to `global_batch` (grain sharded by
+process) and gets its rows of a result back with `local_rows`; a batch that every process holds
+whole (an evaluation split each process reads entirely) becomes global with `shared_batch`.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from flax import traverse_util
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rvlf_jax.recipe.build import MESH_AXES, ConfigError, mesh_shape
+# A module import, read at call time: recipe.build imports train.grpo, which imports this module.
+from rvlf_jax.recipe import build
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
@@ -87,10 +92,10 @@ def _mesh_config(config_or_sizes: Any) -> ml_collections.ConfigDict:
   if isinstance(config_or_sizes, (Mapping, ml_collections.ConfigDict)):
     sizes = dict(config_or_sizes)
   elif isinstance(config_or_sizes, Sequence) and not isinstance(config_or_sizes, str):
-    if len(config_or_sizes) != len(MESH_AXES):
-      raise ConfigError(f'mesh sizes {tuple(config_or_sizes)} must give one size per axis '
-                        f'{MESH_AXES}.')
-    sizes = dict(zip(MESH_AXES, config_or_sizes))
+    if len(config_or_sizes) != len(build.MESH_AXES):
+      raise build.ConfigError(f'mesh sizes {tuple(config_or_sizes)} must give one size per '
+                              f'axis {build.MESH_AXES}.')
+    sizes = dict(zip(build.MESH_AXES, config_or_sizes))
   else:
     raise TypeError(f'expected a config with a mesh section, a mapping or a sequence of sizes, '
                     f'got {type(config_or_sizes).__name__}.')
@@ -118,29 +123,29 @@ def mesh_from_config(config_or_sizes: Any, devices: Sequence[jax.Device] | None 
     A `jax.sharding.Mesh` with axes ('data', 'fsdp', 'tensor').
   """
   devices = list(jax.devices() if devices is None else devices)
-  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(build.MESH_AXES)
   if dcn is None:
-    sizes = mesh_shape(_mesh_config(config_or_sizes), len(devices))
-    shape = [sizes[a] for a in MESH_AXES]
+    sizes = build.mesh_shape(_mesh_config(config_or_sizes), len(devices))
+    shape = [sizes[a] for a in build.MESH_AXES]
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    return Mesh(grid, MESH_AXES, axis_types=auto)
+    return Mesh(grid, build.MESH_AXES, axis_types=auto)
   attr = 'process_index' if process_is_granule else 'slice_index'
   if not all(hasattr(d, attr) for d in devices):
-    raise ConfigError(f'a dcn mesh needs devices with a {attr} (multi-slice TPU); pass '
-                      f'process_is_granule=True to split across processes instead.')
+    raise build.ConfigError(f'a dcn mesh needs devices with a {attr} (multi-slice TPU); pass '
+                            f'process_is_granule=True to split across processes instead.')
   granules = len({getattr(d, attr) for d in devices})
   if len(devices) % granules:
-    raise ConfigError(f'{len(devices)} devices do not split evenly into {granules} granules '
-                      f'({attr}).')
+    raise build.ConfigError(f'{len(devices)} devices do not split evenly into {granules} '
+                            f'granules ({attr}).')
   try:
-    dcn_sizes = mesh_shape(_mesh_config(dcn), granules)
-  except ConfigError as e:
-    raise ConfigError(f'dcn (across {granules} granules by {attr}): {e}') from e
-  ici_sizes = mesh_shape(_mesh_config(config_or_sizes), len(devices) // granules)
+    dcn_sizes = build.mesh_shape(_mesh_config(dcn), granules)
+  except build.ConfigError as e:
+    raise build.ConfigError(f'dcn (across {granules} granules by {attr}): {e}') from e
+  ici_sizes = build.mesh_shape(_mesh_config(config_or_sizes), len(devices) // granules)
   grid = mesh_utils.create_hybrid_device_mesh(
-      [ici_sizes[a] for a in MESH_AXES], [dcn_sizes[a] for a in MESH_AXES], devices,
-      process_is_granule=process_is_granule, allow_split_physical_axes=True)
-  return Mesh(grid, MESH_AXES, axis_types=auto)
+      [ici_sizes[a] for a in build.MESH_AXES], [dcn_sizes[a] for a in build.MESH_AXES],
+      devices, process_is_granule=process_is_granule, allow_split_physical_axes=True)
+  return Mesh(grid, build.MESH_AXES, axis_types=auto)
 
 
 @contextlib.contextmanager
@@ -252,6 +257,13 @@ def batch_sharding(mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
   return NamedSharding(mesh, P(nn.logical_to_mesh_axes(('batch',), rules)[0]))
 
 
+def rows_sharding(rows: int, mesh: Mesh, rules: Rules = RULES) -> NamedSharding:
+  """`batch_sharding` when `rows` split over the data axes, else replicated: for batches whose
+  size the config does not tie to the mesh (evaluation)."""
+  sharding = batch_sharding(mesh, rules)
+  return sharding if rows % _ways(mesh, sharding.spec[0]) == 0 else replicated(mesh)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, rules: Rules = RULES) -> None:
   """Raises ValueError naming both numbers when batch_size does not split over the data axes."""
   _check_rows(batch_size, mesh, nn.logical_to_mesh_axes(('batch',), rules)[0])
@@ -308,6 +320,37 @@ def global_batch(local_batch: Any, sharding: NamedSharding) -> Any:
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree_util.tree_map_with_path(make, local_batch)
+
+
+def shared_batch(batch: Any, sharding: NamedSharding) -> Any:
+  """Global arrays from a batch that every process holds whole (e.g. each reads the full
+  evaluation split): each process keeps only its own devices' part of it.
+
+  Unlike `global_batch`, the processes' batches are not concatenated: they must be equal.
+  """
+  def make(x):
+    x = np.asarray(x)
+    return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+  return jax.tree.map(make, batch)
+
+
+def local_rows(tree: Any, sharding: NamedSharding) -> Any:
+  """This process's rows of global arrays, as numpy: the inverse of `global_batch`.
+
+  The arrays are first laid out by `sharding` (a batch sharding; a no-op when they already
+  are), then the distinct row blocks this process's devices hold are put together in order.
+  Single-process, the whole arrays.
+  """
+  tree = jax.device_put(tree, sharding)
+
+  def rows(x):
+    blocks = {}
+    for shard in x.addressable_shards:
+      blocks.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(blocks[k]) for k in sorted(blocks)])
+
+  return jax.tree.map(rows, tree)
 
 
 # -- Sharded init and steps -----------------------------------------------------------------------

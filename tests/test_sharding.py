@@ -120,19 +120,18 @@ def sft_stage(data):
 
 def grpo_stage(data):
   """The GRPO update (each of the `mu` policy iterations) on 8 completions (the B x G rows of
-  GRPOTrainer.step). GRPOTrainer keeps its jitted pieces private: the test takes them there."""
+  GRPOTrainer.step), from the same pure functions GRPOTrainer jits or shards."""
   tokenizer, batch, prompt = data
   model = slt.SLTModel(slt.SLTConfig(slt.SignEncoderConfig.tiny(skeleton_only=True),
                                      tiny_decoder(), LoraConfig(rank=4)))
   boxed = model.abstract_params(boxed=True)
   params = random_params(model, boxed)
   tx = optimizer()
-  trainer = grpo.GRPOTrainer(model, tx, prompt, tokenizer, grpo.GRPOConfig(
-      group_size=4, sampling=SamplingConfig(temperature=1.0, max_new_tokens=8), beta=0.04))
-  # pylint: disable=protected-access
-  prefix, reference = trainer._prefix, trainer._reference
-  update = trainer._update.__wrapped__  # the update before GRPOTrainer's own jax.jit
-  # pylint: enable=protected-access
+  config = grpo.GRPOConfig(group_size=4, sampling=SamplingConfig(temperature=1.0,
+                                                                 max_new_tokens=8), beta=0.04)
+  prefix = jax.jit(grpo.make_prefix(model, prompt))
+  reference = jax.jit(grpo.make_reference(model, config))
+  update = grpo.make_update(model, tx, config)
   trained, frozen = params_lib.partition(params, grpo.trained_mask(params))
   # Inputs of the update as GRPOTrainer.step builds them: prompt prefixes, completions, masks,
   # advantages, the sampling policy's and the reference's log-probabilities.

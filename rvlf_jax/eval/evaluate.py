@@ -7,8 +7,13 @@
 Each batch is translated by one jitted function (sign encoder, prefill and decoding together), so
 it compiles once per batch shape: eval batches all have batch_size rows (the last one is padded
 with example_mask False rows, which are dropped from the results) and one of a few frame buckets.
-Batches run on the default device, and each process translates only the examples of its own
-shard of the pipeline.
+
+Without a mesh, batches run where the parameters are (the default device for host arrays), and
+each process translates only the batches it is given. With `mesh=`, every process must be given
+the same batches (the whole split, `eval_pipeline(..., shard=(0, 1))`): each batch is split by
+rows over the mesh's data axes (`sharding.shared_batch`; replicated when its size does not
+divide), the parameters stay as they are sharded, and the translations come back replicated, so
+every process gets every translation and the same scores. Only process 0 writes files.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 
+from rvlf_jax import sharding
 from rvlf_jax.data.tokenizers import Tokenizer
 from rvlf_jax.eval import decoding, metrics
 from rvlf_jax.models.slt import Prompt, SLTModel
@@ -37,13 +43,14 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
           if k not in _TARGET_KEYS and np.dtype(dtype(v)).kind in 'biuf'}
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'decode', 'beam_size', 'max_new_tokens',
-                                             'eos_id', 'pad_id'))
-def translate_batch(model: SLTModel, params: Any, inputs: Mapping[str, jax.Array], prompt: Prompt,
-                    length_penalty: jax.Array | float = 1.0, *, decode: str, beam_size: int,
-                    max_new_tokens: int, eos_id: int,
-                    pad_id: int) -> tuple[jax.Array, jax.Array]:
-  """Token ids of the translations of one batch.
+_STATIC = ('model', 'decode', 'beam_size', 'max_new_tokens', 'eos_id', 'pad_id')
+
+
+def _translate_batch(model: SLTModel, params: Any, inputs: Mapping[str, jax.Array],
+                     prompt: Prompt, length_penalty: jax.Array | float = 1.0, *, decode: str,
+                     beam_size: int, max_new_tokens: int, eos_id: int,
+                     pad_id: int) -> tuple[jax.Array, jax.Array]:
+  """Token ids of the translations of one batch (`translate_batch` is it jitted).
 
   Args:
     model: the translator (static).
@@ -70,10 +77,21 @@ def translate_batch(model: SLTModel, params: Any, inputs: Mapping[str, jax.Array
   return tokens, lengths
 
 
+translate_batch = jax.jit(_translate_batch, static_argnames=_STATIC)
+
+
+@functools.cache
+def _sharded_translate_batch(mesh: jax.sharding.Mesh):
+  """`translate_batch` whose outputs are replicated over `mesh`: on every process, whole."""
+  return jax.jit(_translate_batch, static_argnames=_STATIC,
+                 out_shardings=sharding.replicated(mesh))
+
+
 def _translated_rows(model: SLTModel, params: Any, batches: Iterable[Mapping[str, Any]],
                      prompt: Prompt, tokenizer: Tokenizer, *, decode: str, beam_size: int,
-                     max_new_tokens: int,
-                     length_penalty: float) -> Iterator[tuple[str, str, Mapping[str, Any], int]]:
+                     max_new_tokens: int, length_penalty: float,
+                     mesh: jax.sharding.Mesh | None = None
+                     ) -> Iterator[tuple[str, str, Mapping[str, Any], int]]:
   """Yields (id, hypothesis, batch, row) for each real row of each batch, in order."""
   if decode not in DECODERS:
     raise ValueError(f'decode must be one of {DECODERS}, got {decode!r}.')
@@ -96,7 +114,15 @@ def _translated_rows(model: SLTModel, params: Any, batches: Iterable[Mapping[str
     keep = np.asarray(batch.get('example_mask', np.ones(len(batch['id']), bool)), bool)
     if not keep.any():
       continue
-    out = translate_batch(model, params, model_inputs(batch), prompt, length_penalty, **static)
+    inputs = model_inputs(batch)
+    if mesh is None:
+      out = translate_batch(model, params, inputs, prompt, length_penalty, **static)
+    else:
+      rows = sharding.rows_sharding(len(keep), mesh)
+      with sharding.mesh_context(mesh):
+        out = _sharded_translate_batch(mesh)(
+            model, params, sharding.shared_batch(inputs, rows), prompt, length_penalty,
+            **static)
     if pending is not None:
       yield from finish(*pending)
     pending = (batch, keep, out)
@@ -106,7 +132,8 @@ def _translated_rows(model: SLTModel, params: Any, batches: Iterable[Mapping[str
 
 def translate(model: SLTModel, params: Any, batches: Iterable[Mapping[str, Any]], prompt: Prompt,
               tokenizer: Tokenizer, *, decode: str = 'greedy', beam_size: int = 4,
-              max_new_tokens: int = 64, length_penalty: float = 1.0) -> list[tuple[str, str]]:
+              max_new_tokens: int = 64, length_penalty: float = 1.0,
+              mesh: jax.sharding.Mesh | None = None) -> list[tuple[str, str]]:
   """Translates every real example of a stream of pipeline batches.
 
   Args:
@@ -120,30 +147,33 @@ def translate(model: SLTModel, params: Any, batches: Iterable[Mapping[str, Any]]
     beam_size: K, for beam search.
     max_new_tokens: N, the longest translation in tokens (eos included).
     length_penalty: beam search's alpha: scores are log p / length**alpha (HF's convention).
+    mesh: translate each batch split over this mesh's data axes; every process must then be
+      given the same batches, and gets every translation (see the module docstring).
 
   Returns:
     [(id, hypothesis)] in batch order, without the rows whose example_mask is False.
   """
   return [(example_id, hyp) for example_id, hyp, _, _ in _translated_rows(
       model, params, batches, prompt, tokenizer, decode=decode, beam_size=beam_size,
-      max_new_tokens=max_new_tokens, length_penalty=length_penalty)]
+      max_new_tokens=max_new_tokens, length_penalty=length_penalty, mesh=mesh)]
 
 
 def evaluate(model: SLTModel, params: Any, batches: Iterable[Mapping[str, Any]], prompt: Prompt,
              tokenizer: Tokenizer, *, lang: str, refs_by_id: Mapping[str, str] | None = None,
              decode: str = 'greedy', beam_size: int = 4, max_new_tokens: int = 64,
-             length_penalty: float = 1.0, output_dir: str | None = None) -> dict[str, float]:
+             length_penalty: float = 1.0, output_dir: str | None = None,
+             mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
   """Translates the batches and scores the translations against their references.
 
   Args:
     model, params, batches, prompt, tokenizer, decode, beam_size, max_new_tokens,
-      length_penalty: as for `translate`.
+      length_penalty, mesh: as for `translate`.
     lang: 'en', 'de' or 'zh', the tokenisation of the metrics (`metrics.score_corpus`).
     refs_by_id: the reference translation of each example id; None takes them from the batches'
       'text' field (the untokenised sentences the pipeline carries).
     output_dir: if given, writes there hyps.txt, refs.txt and ids.txt, line i of each for the same
       example (line breaks inside a sentence become spaces, which changes no score), so that
-      `python -m launch.evaluate --hyps=... --refs=...` gives the same scores.
+      `python -m launch.evaluate --hyps=... --refs=...` gives the same scores. Process 0 only.
 
   Returns:
     {'bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l'}, percentages.
@@ -151,7 +181,7 @@ def evaluate(model: SLTModel, params: Any, batches: Iterable[Mapping[str, Any]],
   ids, hyps, refs = [], [], []
   for example_id, hyp, batch, row in _translated_rows(
       model, params, batches, prompt, tokenizer, decode=decode, beam_size=beam_size,
-      max_new_tokens=max_new_tokens, length_penalty=length_penalty):
+      max_new_tokens=max_new_tokens, length_penalty=length_penalty, mesh=mesh):
     if refs_by_id is not None:
       if example_id not in refs_by_id:
         raise KeyError(f'no reference for example {example_id!r} ({len(refs_by_id)} references '
@@ -167,7 +197,7 @@ def evaluate(model: SLTModel, params: Any, batches: Iterable[Mapping[str, Any]],
   if not ids:
     raise ValueError('the batches hold no example to evaluate (every example_mask is False).')
   scores = metrics.score_corpus(hyps, refs, lang)
-  if output_dir is not None:
+  if output_dir is not None and jax.process_index() == 0:
     os.makedirs(output_dir, exist_ok=True)
     for name, lines in ((HYPS_FILE, hyps), (REFS_FILE, refs), (IDS_FILE, ids)):
       _write_lines(os.path.join(output_dir, name), lines)

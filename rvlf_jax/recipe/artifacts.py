@@ -28,10 +28,10 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from rvlf_jax import sharding
 from rvlf_jax.data import features, keypoints, pipeline, poses, tokenizers, video
 from rvlf_jax.eval import evaluate as evaluate_lib
 from rvlf_jax.hf import api as hf_api
@@ -181,7 +181,8 @@ def light_context(config: ml_collections.ConfigDict, workdir: str,
   Its data has no sources (nothing to train or score on) and a featurizer without feature
   cache; its decoder is the pretrained decoder's config with abstract parameters
   (`jax.ShapeDtypeStruct`s): the checkpoints hold the decoder, so its weights are not read.
-  Use `restore` with it (the stages' own `restore_*` need concrete decoder weights).
+  Its mesh is this process's first device, whatever mesh trained the checkpoint: translating a
+  clip or exporting needs no more. Use `restore` with it.
   """
   tokenizer = data_lib.load_tokenizer(config, workdir)
   frames_dir, visual_width = None, None
@@ -196,35 +197,42 @@ def light_context(config: ml_collections.ConfigDict, workdir: str,
   path = decoder_dir(config, workdir)
   decoder_cfg, family = _hf_model(path, 'the pretrained decoder')
   decoder = (decoder_cfg, family.abstract_params(decoder_cfg))
+  one_device = sharding.mesh_from_config((1, 1, 1), jax.local_devices()[:1])
   return stages_lib.Context(config, workdir, data, decoder,
-                            stages_lib.prompt_for(data, config), log)
+                            stages_lib.prompt_for(data, config), log, one_device)
+
+
+def _fit_mesh(config: ml_collections.ConfigDict, log: Log) -> None:
+  """Replaces a config's mesh that does not fit this machine's devices by data parallelism over
+  all of them: a checkpoint restores onto any mesh."""
+  try:
+    sharding.mesh_from_config(config)
+  except build.ConfigError as e:
+    log(f'{str(e).rstrip(".")}; evaluating data-parallel over the {jax.device_count()} '
+        'devices instead.')
+    config.mesh.update(data=-1, fsdp=1, tensor=1)
 
 
 def restore(ctx: stages_lib.Context, stage: str, which: str | int = 'best'
             ) -> tuple[slt.SLTModel, Any]:
-  """(model, full parameters) of a stage's checkpoint; ctx.decoder's params may be abstract.
+  """(model, full parameters) of a stage's checkpoint, onto ctx.mesh; ctx.decoder's params may
+  be abstract.
 
-  The restore target is traced from the stage's own initialiser (`stages._sft_init` /
-  `_grpo_init`), with the decoder's parameters stood in for by zeros inside the trace, so
-  nothing of the decoder is materialised but what the checkpoint holds.
+  The restore target is the stage's own (`stages._sft_setup` / `_grpo_setup`): shapes traced
+  from its initialiser, shardings over ctx.mesh, so nothing of the decoder is materialised but
+  what the checkpoint holds.
   """
   # pylint: disable=protected-access
   if stage == 'sft':
-    model, make_init = stages_lib.sft_model(ctx), stages_lib._sft_init
+    make_setup = stages_lib._sft_setup
   elif stage == 'grpo':
-    model, make_init = stages_lib.grpo_model(ctx), stages_lib._grpo_init
+    make_setup = stages_lib._grpo_setup
   else:
     raise ValueError(f'stage must be one of {STAGES}, got {stage!r}.')
   # pylint: enable=protected-access
   pick_stage(ctx.workdir, stage)
-  decoder_cfg, decoder_params = ctx.decoder
-
-  def init():
-    zeros = jax.tree.map(lambda x: jnp.zeros(np.shape(x), x.dtype), decoder_params)
-    traced = dataclasses.replace(ctx, decoder=(decoder_cfg, zeros))
-    return make_init(traced, None)[2]()
-
-  state = loop.restore_state(ctx.workdir, stage, jax.eval_shape(init), which)
+  model, _, setup = make_setup(ctx, None)
+  state = loop.restore_state(ctx.workdir, stage, setup.target, which)
   return model, params_lib.merge(state.params, state.frozen)
 
 
@@ -514,6 +522,7 @@ def evaluate_checkpoint(workdir: str, split: str, stage: str | None = None,
     config.eval.decode = decode
   if beam_size is not None:
     config.eval.beam_size = int(beam_size)
+  _fit_mesh(config, log)
   ctx = run.context(config, workdir, log)
   model, params = restore(ctx, stage, which)
   log(f'{workdir}: scoring the {which} {stage} checkpoint on {split} '

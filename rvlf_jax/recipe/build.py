@@ -21,7 +21,8 @@ from rvlf_jax.models.decoder import DecoderConfig
 from rvlf_jax.models.layers import LoraConfig
 from rvlf_jax.rl import advantages, losses, rewards as rewards_lib, sampler
 from rvlf_jax.train import optimizers
-from rvlf_jax.train.grpo import GRPOConfig
+# A module import, read at call time: train.grpo imports rvlf_jax.sharding, which imports this.
+from rvlf_jax.train import grpo as grpo_lib
 
 STAGES = ('represent', 'sft', 'grpo')
 DATASETS = ('synthsign', 'phoenix', 'csl_daily', 'how2sign', 'openasl')
@@ -207,7 +208,7 @@ def optimizer_config(config: ml_collections.ConfigDict, stage: str,
       schedule=s.get('schedule', 'cosine'), end_factor=s.get('end_factor', 0.1)), stage)
 
 
-def grpo_config(config: ml_collections.ConfigDict) -> GRPOConfig:
+def grpo_config(config: ml_collections.ConfigDict) -> grpo_lib.GRPOConfig:
   g = _section(config, 'grpo')
   sampling = _fields(sampler.SamplingConfig, dict(
       temperature=g.temperature, top_k=g.top_k, top_p=g.top_p,
@@ -223,7 +224,7 @@ def grpo_config(config: ml_collections.ConfigDict) -> GRPOConfig:
   if g.aggregation not in losses.AGGREGATIONS:
     raise ConfigError(f'grpo.aggregation: unknown mode {g.aggregation!r}; registered: '
                       f'{losses.AGGREGATIONS.names()}.')
-  return _fields(GRPOConfig, dict(
+  return _fields(grpo_lib.GRPOConfig, dict(
       group_size=g.group_size, rewards=rewards, advantage=g.advantage, epsilon=g.epsilon,
       epsilon_high=g.epsilon_high or None, beta=g.beta, aggregation=g.aggregation, mu=g.mu,
       lang=config.data.lang), 'grpo', sampling=sampling)

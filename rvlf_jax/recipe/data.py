@@ -70,17 +70,22 @@ class Data:
     return self._featurized[split], None
 
   def train(self, batch_size: int, seed: int, report: pipeline.SkipReport | None = None):
-    """An endless, shuffled, checkpointable stream of training batches (this process's shard)."""
+    """An endless, shuffled, checkpointable stream of training batches of `batch_size` rows
+    (per process) from this process's shard of the train split."""
     source, featurize = self._source('train')
     return pipeline.train_pipeline(source, featurize, batch_size, seed=seed,
                                    pad_id=self.tokenizer.pad_id, workers=self.workers,
                                    report=report)
 
   def eval(self, split: str, batch_size: int, limit: int | None = None):
-    """Every example of `split` (its first `limit`) once, in order, in padded batches."""
+    """Every example of `split` (its first `limit`) once, in order, in padded batches.
+
+    Every process reads the whole split: evaluation splits each batch over all devices
+    (`sharding.shared_batch`) and every process scores all of it (see `recipe.stages`).
+    """
     source, featurize = self._source(split)
     return pipeline.eval_pipeline(source, featurize, batch_size, pad_id=self.tokenizer.pad_id,
-                                  limit=limit)
+                                  limit=limit, shard=(0, 1))
 
 
 def synthsign_dir(config: ml_collections.ConfigDict, workdir: str) -> str:

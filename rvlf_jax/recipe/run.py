@@ -9,6 +9,11 @@ a finished stage is not trained again:
   represent/ sft/ grpo/ control/   each stage's checkpoints, metrics.jsonl, TensorBoard, plots
   eval/<model>/<split>/         hypotheses, references and ids of every scored split
   results.json                  {"sft": {"dev": {...}, "test": {...}}, "grpo": {...}, ...}
+
+Several processes (after `jax.distributed.initialize`, e.g. `launch.train --distributed`) run
+the same call on one shared workdir: process 0 prepares the data and the decoder while the others
+wait, then they read what it made; every stage runs over all processes' devices (see
+`recipe.stages`); process 0 alone writes config.json and results.json and logs.
 """
 
 from __future__ import annotations
@@ -25,12 +30,17 @@ from rvlf_jax.hf import api as hf_api
 from rvlf_jax.recipe import build, lm
 from rvlf_jax.recipe import data as data_lib
 from rvlf_jax.recipe import stages as stages_lib
+from rvlf_jax.train import loop
 from rvlf_jax.train import params as params_lib
 
 CONFIG_FILE, RESULTS_FILE, DECODER_DIR = 'config.json', 'results.json', 'decoder'
 METRICS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l')
-# Config sections a resumed run may change (they do not change what was trained so far).
-_RESUMABLE = ('seed', 'stages', 'eval', 'checkpoint')
+# Config sections a resumed run may change (they do not change what was trained so far; a
+# checkpoint restores onto any mesh).
+_RESUMABLE = ('seed', 'stages', 'eval', 'checkpoint', 'mesh')
+# How long the other processes wait for process 0 to prepare the data (a real dataset's feature
+# cache takes hours).
+_PREPARE_TIMEOUT_S = 24 * 3600.0
 
 
 def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -44,7 +54,7 @@ def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes config.json, or checks a resumed run's config against it."""
+  """Checks a resumed run's config against config.json; process 0 (re)writes it."""
   path = os.path.join(workdir, CONFIG_FILE)
   text = build.to_json(config)
   if os.path.exists(path):
@@ -59,6 +69,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
           f'{path}: this workdir was run with a different config ({", ".join(changed[:8])} '
           'differ); use a new --workdir, or the saved config.')
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    return
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     f.write(text)
@@ -96,6 +108,9 @@ def read_results(workdir: str) -> dict[str, Any]:
 
 
 def _write_results(workdir: str, results: dict[str, Any]) -> None:
+  """results.json, from process 0 (every process holds the same results)."""
+  if jax.process_index() != 0:
+    return
   path = os.path.join(workdir, RESULTS_FILE)
   with open(path + '.tmp', 'w') as f:
     json.dump(results, f, indent=2, sort_keys=True)
@@ -149,9 +164,25 @@ def check_prerequisites(config: ml_collections.ConfigDict, workdir: str,
 
 def context(config: ml_collections.ConfigDict, workdir: str,
             log: Callable[[str], None] = print) -> stages_lib.Context:
-  """Prepares data, tokenizer and the pretrained decoder (reusing what the workdir holds)."""
-  data = data_lib.prepare(config, workdir, log)
-  decoder = pretrained_decoder(config, workdir, data, log)
+  """Prepares data, tokenizer and the pretrained decoder (reusing what the workdir holds).
+
+  With several processes, process 0 prepares them first; the others then find them made and
+  only read them (process 0 waits meanwhile, so that no file is read while it is written).
+  """
+  def prepare():
+    data = data_lib.prepare(config, workdir, log)
+    return data, pretrained_decoder(config, workdir, data, log)
+
+  if jax.process_count() == 1:
+    data, decoder = prepare()
+  else:
+    first = jax.process_index() == 0
+    if first:
+      data, decoder = prepare()
+    loop.barrier('recipe: process 0 prepared the workdir', timeout_s=_PREPARE_TIMEOUT_S)
+    if not first:
+      data, decoder = prepare()
+    loop.barrier('recipe: every process read the workdir', timeout_s=_PREPARE_TIMEOUT_S)
   return stages_lib.Context(config, workdir, data, decoder,
                             stages_lib.prompt_for(data, config), log)
 
@@ -168,6 +199,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stages: Sequence[str],
               num_devices=jax.device_count(), num_processes=jax.process_count())
   check_prerequisites(config, workdir, stages)
   start = time.perf_counter()
+  if jax.process_index() != 0:
+    log = lambda line: None  # one process tells the story
   _check_workdir_config(config, workdir)
   ctx = context(config, workdir, log)
   results = read_results(workdir)

@@ -17,15 +17,19 @@ sampling, the reference and every policy iteration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from rvlf_jax import sharding
 from rvlf_jax.data import pipeline
 from rvlf_jax.models import decoder as dec
 from rvlf_jax.models import slt
@@ -79,64 +83,141 @@ def _completion_logp(llm: dec.Decoder, prefix_btd, prefix_valid_bt, tokens_bl, m
   return jnp.take_along_axis(logp, tokens_bl[..., None], axis=-1)[..., 0]
 
 
+def make_prefix(model: slt.SLTModel, prompt: slt.Prompt) -> Callable:
+  """prefix(params, batch) -> (embeds float[B, P, D], valid bool[B, P]): the instruction and
+  sign tokens of each video, encoded once per step for the sampling, the reference and the
+  update."""
+
+  def prefix(params, batch):
+    return model.apply({'params': params}, batch, prompt.before, prompt.after,
+                       method=slt.SLTModel.prefix)
+
+  return prefix
+
+
+def _logp_fn(llm: dec.Decoder, temperature: float) -> Callable:
+  return nn.apply(lambda m, *a: _completion_logp(m, *a, temperature), llm)
+
+
+def make_reference(model: slt.SLTModel, config: GRPOConfig) -> Callable:
+  """reference(frozen, embeds, valid, tokens, mask) -> float32[N, L]: the completions'
+  log-probabilities under the reference (SFT) policy: the decoder without its adapters."""
+  reference_logp = _logp_fn(dec.Decoder(model.config.decoder), config.sampling.temperature)
+
+  def reference(frozen, embeds, valid, tokens, mask):
+    return reference_logp({'params': frozen['decoder']}, embeds, valid, tokens, mask)
+
+  return reference
+
+
+def make_update(model: slt.SLTModel, tx: optax.GradientTransformation,
+                config: GRPOConfig) -> Callable:
+  """The pure GRPO policy update, one of the `mu` iterations of a step:
+
+    update(state, embeds, valid, tokens, mask, adv, old_logp, ref_logp) -> (state, metrics)
+
+  on N = B x G completions: embeds float[N, P, D] and valid bool[N, P] (each video's prefix
+  repeated for its G samples), tokens int32[N, L], mask bool[N, L], adv float32[N],
+  old_logp float32[N, L] or None (mu == 1: the policy's own, detached), ref_logp float32[N, L].
+  Jit it (or shard it) with the state donated; `GRPOTrainer` does.
+  """
+  policy_logp = _logp_fn(model.decoder, config.sampling.temperature)
+
+  def update(state, embeds, valid, tokens, mask, adv, old_logp, ref_logp):
+    def loss_fn(trained):
+      decoder_params = params_lib.merge(trained, state.frozen)['decoder']
+      logp = policy_logp({'params': decoder_params}, embeds, valid, tokens, mask)
+      return losses.grpo_loss(
+          logp, adv, mask, old_logp=old_logp, ref_logp=ref_logp, epsilon=config.epsilon,
+          epsilon_high=config.epsilon_high, beta=config.beta,
+          aggregation=config.aggregation, max_len=config.sampling.max_new_tokens)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state_lib.apply_gradients(state, grads, tx), {**metrics, 'loss': loss}
+
+  return update
+
+
 class GRPOTrainer:
   """The GRPO step for one SLT model: `step(state, batch, rng) -> (state, metrics)`.
 
   `state.params` holds the adapters (see `trained_mask`), `state.frozen` everything else.
+
+  Without a mesh the pieces are plain `jax.jit`s. With one, they run sharded over it: the state
+  laid out by `state_shardings` (donated to the update), every per-video or per-completion array
+  split by rows over the data axes (`sharding.batch_sharding`), the models' activation
+  constraints in effect. Multi-process, each process passes its own rows of the batch (grain
+  sharded by process) and scores its own completions; the logged reward statistics are over all
+  processes' rows.
   """
 
   def __init__(self, model: slt.SLTModel, tx, prompt: slt.Prompt, tokenizer,
-               config: GRPOConfig = GRPOConfig()):
+               config: GRPOConfig = GRPOConfig(), *, mesh: jax.sharding.Mesh | None = None,
+               state_shardings: Any = None, rules: sharding.Rules | None = None):
     if model.config.lora is None:
       raise ValueError('GRPO trains LoRA adapters: give the SLT model a LoraConfig.')
+    if (mesh is None) != (state_shardings is None):
+      raise ValueError('give both mesh and state_shardings (sharded), or neither (plain jit).')
     self.model, self.tx, self.prompt = model, tx, prompt
     self.tokenizer, self.config = tokenizer, config
-    policy = model.decoder
-    reference = dec.Decoder(model.config.decoder)  # no adapters: the SFT policy
-    temperature = config.sampling.temperature
+    # Not a default argument: rvlf_jax.sharding may still be loading (it imports recipe.build,
+    # which imports this module).
+    self.mesh, self.rules = mesh, sharding.RULES if rules is None else rules
+    prefix, reference = make_prefix(model, prompt), make_reference(model, config)
+    update = make_update(model, tx, config)
+    if mesh is None:
+      self._rows = None
+      self._prefix = jax.jit(prefix)
+      self._reference = jax.jit(reference)
+      self._update = jax.jit(update, donate_argnums=0)
+      return
+    rows, rep = sharding.batch_sharding(mesh, self.rules), sharding.replicated(mesh)
+    params_sh = params_lib.merge(state_shardings.params, state_shardings.frozen)
+    self._rows = rows
+    self._prefix = jax.jit(prefix, in_shardings=(params_sh, rows), out_shardings=rows)
+    self._reference = jax.jit(reference, in_shardings=(state_shardings.frozen,) + (rows,) * 4,
+                              out_shardings=rows)
+    self._update = jax.jit(update, in_shardings=(state_shardings,) + (rows,) * 7,
+                           out_shardings=(state_shardings, rep), donate_argnums=0)
 
-    def logp_fn(llm):
-      return nn.apply(lambda m, *a: _completion_logp(m, *a, temperature), llm)
+  def _context(self):
+    """Where the pieces are traced: under the mesh and rules when sharded."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.mesh_context(self.mesh, self.rules)
 
-    policy_logp, reference_logp = logp_fn(policy), logp_fn(reference)
+  def _to_device(self, local):
+    """This process's rows -> the arrays the pieces take (global ones when sharded)."""
+    if self._rows is None:
+      return jax.tree.map(jnp.asarray, local)
+    return sharding.global_batch(local, self._rows)
 
-    def prefix(params, batch):
-      embeds, valid = model.apply({'params': params}, batch, prompt.before, prompt.after,
-                                  method=slt.SLTModel.prefix)
-      return embeds, valid
-
-    def reference_fn(frozen, embeds, valid, tokens, mask):
-      return reference_logp({'params': frozen['decoder']}, embeds, valid, tokens, mask)
-
-    def update(state, embeds, valid, tokens, mask, adv, old_logp, ref_logp):
-      def loss_fn(trained):
-        decoder_params = params_lib.merge(trained, state.frozen)['decoder']
-        logp = policy_logp({'params': decoder_params}, embeds, valid, tokens, mask)
-        return losses.grpo_loss(
-            logp, adv, mask, old_logp=old_logp, ref_logp=ref_logp, epsilon=config.epsilon,
-            epsilon_high=config.epsilon_high, beta=config.beta,
-            aggregation=config.aggregation, max_len=config.sampling.max_new_tokens)
-
-      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      return state_lib.apply_gradients(state, grads, tx), {**metrics, 'loss': loss}
-
-    self._prefix = jax.jit(prefix)
-    self._reference = jax.jit(reference_fn)
-    self._update = jax.jit(update, donate_argnums=0)
+  def _to_host(self, tree):
+    """Arrays of the pieces -> numpy of this process's rows."""
+    if self._rows is None:
+      return jax.tree.map(np.asarray, tree)
+    return sharding.local_rows(tree, self._rows)
 
   def step(self, state: state_lib.TrainState, batch: dict, rng: jax.Array):
-    """One GRPO step on a pipeline batch (host fields 'text' and 'example_mask' are used)."""
+    """One GRPO step on a pipeline batch (host fields 'text' and 'example_mask' are used).
+
+    Multi-process, `batch` is this process's rows of the step's batch.
+    """
+    with self._context():
+      return self._step(state, batch, rng)
+
+  def _step(self, state, batch, rng):
     cfg, g = self.config, self.config.group_size
     timings = {}
     start = time.perf_counter()
     params = params_lib.merge(state.params, state.frozen)
-    device = pipeline.device_batch(batch)
-    embeds, valid = self._prefix(params, device)
+    embeds, valid = self._prefix(params, self._to_device(pipeline.device_batch(batch)))
     positions = dec.positions_from_mask(valid)
     out = sampler.sample_group(self.model.decoder, params['decoder'], embeds, positions, rng,
                                group_size=g, config=cfg.sampling,
                                eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
-    tokens = np.asarray(out['tokens'])  # [B, G, N]; waits for the sampler
+    out = self._to_host(out)  # this process's [B, G, N]; waits for the sampler
+    tokens = out['tokens']
     timings['time_sampling'] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -151,26 +232,42 @@ class GRPOTrainer:
     timings['time_reward'] = time.perf_counter() - start
 
     start = time.perf_counter()
-    tile = lambda x: jnp.repeat(x, g, axis=0)  # prompt of video b for its G samples
-    embeds_n, valid_n = tile(embeds), tile(valid)
-    tokens_n = jnp.asarray(tokens.reshape(b * g, n))
-    mask_n = jnp.asarray(out['mask']).reshape(b * g, n) & jnp.asarray(real).repeat(g)[:, None]
-    old_logp = jnp.asarray(out['logp']).reshape(b * g, n) if cfg.mu > 1 else None
+    mask_n = out['mask'].reshape(b * g, n) & real.repeat(g)[:, None]
+    completions = self._to_device(dict(
+        # The prompt of video b for its G samples.
+        embeds=np.repeat(self._to_host(embeds), g, axis=0),
+        valid=np.repeat(self._to_host(valid), g, axis=0),
+        tokens=tokens.reshape(b * g, n), mask=mask_n,
+        adv=adv_bg.reshape(-1).astype(np.float32),
+        old_logp=out['logp'].reshape(b * g, n) if cfg.mu > 1 else None))
+    embeds_n, valid_n, tokens_n, mask_n, adv_n, old_logp = (
+        completions[k] for k in ('embeds', 'valid', 'tokens', 'mask', 'adv', 'old_logp'))
     ref_logp = self._reference(state.frozen, embeds_n, valid_n, tokens_n, mask_n)
-    adv_n = jnp.asarray(adv_bg.reshape(-1), jnp.float32)
     for _ in range(cfg.mu):
       state, metrics = self._update(state, embeds_n, valid_n, tokens_n, mask_n, adv_n, old_logp,
                                     ref_logp)
     metrics = jax.device_get(metrics)
     timings['time_update'] = time.perf_counter() - start
 
-    lengths = np.asarray(out['lengths'])[real]
-    report = {f'reward_{k}_mean': float(np.mean(np.asarray(v).reshape(b, g)[real]))
-              for k, v in scored.items()}
-    real_rewards = rewards_bg[real]
+    # Statistics over every process's real rows.
+    gathered = self._gather(dict(real=real, lengths=out['lengths'],
+                                 **{k: np.asarray(v, np.float32).reshape(b, g)
+                                    for k, v in scored.items()}))
+    real = gathered.pop('real')
+    lengths = gathered.pop('lengths')[real]
+    report = {f'reward_{k}_mean': float(np.mean(v[real])) for k, v in gathered.items()}
+    real_rewards = gathered['total'][real]
     report.update(
         reward_std=float(real_rewards.std()), reward_min=float(real_rewards.min()),
         reward_max=float(real_rewards.max()),
         zero_std_fraction=float(advantages_lib.zero_std_fraction(jnp.asarray(real_rewards))),
         completion_length_mean=float(lengths.mean()), completion_length_max=int(lengths.max()))
     return state, {**{k: float(v) for k, v in metrics.items()}, **report, **timings}
+
+  def _gather(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's rows of host arrays, in process order (the arrays themselves when there
+    is one process)."""
+    if jax.process_count() == 1:
+      return local
+    return {k: np.asarray(v) for k, v in
+            multihost_utils.process_allgather(local, tiled=True).items()}

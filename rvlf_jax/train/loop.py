@@ -22,11 +22,19 @@ done, early-stopped or out of time) it only restores and returns the result.
 
 Every step's loss is fetched and checked: a NaN or infinite loss stops the stage with
 `NonFiniteLossError` before anything is saved, so the checkpoints on disk stay good.
+
+Restoring reads a checkpoint onto the shardings of its target (`jax.ShapeDtypeStruct`s with a
+`.sharding` each), not onto the mesh that wrote it: a state saved by 8 devices restores onto 1
+and the other way round. Several processes (multi-host): every process runs the loop with its own
+rows of each batch; orbax writes each checkpoint cooperatively (every process calls save), each
+process saves its own data iterator's position, process 0 alone writes metrics, logs and the
+files of a finished stage, and process 0's clock decides when a time limit is up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -36,6 +44,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import grain.checkpoint  # registers grain's orbax handler (CheckpointSave / CheckpointRestore)
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from rvlf_jax.train import metrics_log, plots
@@ -181,10 +191,35 @@ def _ranking(metric: str, mode: str) -> Callable[[Mapping[str, float]], tuple[fl
 
 
 def _abstract_target(init_state: Any) -> Any:
-  """Restore target from a state or from a function building one (traced, never run)."""
-  if callable(init_state):
-    return state_lib.abstract(jax.eval_shape(init_state))
-  return state_lib.abstract(init_state)
+  """Restore target from a state, an abstract state (`jax.ShapeDtypeStruct`s: restored onto
+  their shardings) or a function building one (traced, never run).
+
+  A leaf without a sharding (a numpy value, or traced from a function that does not place its
+  outputs) is restored onto this process's first device; with several processes, replicated on
+  all devices. Never onto the saved sharding, whose devices may not exist here.
+  """
+  target = state_lib.abstract(jax.eval_shape(init_state) if callable(init_state) else init_state)
+  if jax.process_count() == 1:
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  else:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',))
+    default = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: x if x.sharding is not None else x.update(sharding=default),
+                      target)
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Every process waits here until all have arrived (a no-op with one process).
+
+  The coordination service's barrier (through orbax), not a device collective: a process may
+  wait long at it (CPU collectives give up on a peer after about 30 s). Every process must pass
+  the same barriers in the same order; each gets a key of its own from their count.
+  """
+  key = f'{name} ({next(_BARRIERS)})'
+  ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=int(timeout_s * 1000))
+
+
+_BARRIERS = itertools.count()
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, target: Any = None, iterator: Any = None
@@ -203,8 +238,9 @@ def restore_state(workdir: str, stage: str, target: Any, which: str | int = 'bes
   Args:
     workdir: the run's folder (holding `<stage>/checkpoints`).
     stage: the stage's name.
-    target: a TrainState (or `abstract` of one, or a function building one) of the same
-      structure; its shardings are the restored arrays'.
+    target: a TrainState of the same structure, or `jax.ShapeDtypeStruct`s of one (e.g.
+      `state_lib.abstract(state, shardings)`), or a function building one; the restored arrays
+      get its shardings, whatever mesh saved them (see `_abstract_target`).
     which: 'best' (the best evaluation, or the latest if the stage tracks no metric), 'latest',
       or a step.
 
@@ -272,6 +308,7 @@ def run_stage(
     workdir: str,
     *,
     num_steps: int,
+    target: Any = None,
     seed: int = 0,
     eval_fn: EvalFn | None = None,
     eval_every: int = 0,
@@ -295,8 +332,8 @@ def run_stage(
     stage: the stage's name; its folder is `workdir/<stage>`.
     init_state: the initial TrainState (any pytree of arrays), or a function building it. A
       function is only called when the stage starts from scratch; to resume it is traced with
-      `jax.eval_shape` for the restore target, so a jitted initialiser with `out_shardings`
-      restores sharded without materialising anything twice.
+      `jax.eval_shape` for the restore target (unless `target` is given), so a jitted
+      initialiser with `out_shardings` restores sharded without materialising anything twice.
     step_fn: `step(state, batch, rng) -> (state, metrics)`, metrics a dict of scalars with
       `loss_key` among them. It may donate `state` (the loop keeps no reference to it).
     data: a grain IterDataset (or DataLoader) whose iterator has get_state()/set_state(), or a
@@ -304,6 +341,8 @@ def run_stage(
       repeats as long as training may run.
     workdir: the run's folder, shared by its stages.
     num_steps: loop steps to train in all (including those restored).
+    target: what the stage's checkpoints restore onto: the state as `jax.ShapeDtypeStruct`s
+      with the shardings of this run's mesh (default: traced from init_state).
     seed: the per-step keys are `fold_in(key(seed), step)`.
     eval_fn: `eval_fn(state) -> {name: float}`, run every `eval_every` steps and when training
       stops (unless early stopping stopped it right after an evaluation).
@@ -344,6 +383,7 @@ def run_stage(
   stage_dir = os.path.join(workdir, stage)
   checkpoint_dir = os.path.join(stage_dir, CHECKPOINTS_DIR)
   is_main = jax.process_index() == 0
+  restore_target = lambda: _abstract_target(init_state if target is None else target)
   manager = checkpoint_manager(checkpoint_dir, keep=keep, best_metric=best_metric,
                                best_mode=best_mode)
   log = None
@@ -361,9 +401,10 @@ def run_stage(
       logger.info('%s: finished at step %d (%s); not training again.', stage, progress.step,
                   progress.stop_reason)
       state_step = (progress.best['step'] if return_best and progress.best else latest)
-      state = _restore(manager, state_step, _abstract_target(init_state)).state
+      state = _restore(manager, state_step, restore_target()).state
       if is_main and not os.path.exists(os.path.join(stage_dir, DONE_FILE)):
         _finish_files(stage_dir, progress, plot)  # it stopped between its last save and these
+      barrier(f'{stage}: finished')
       return state, _history(stage_dir, progress, None, state_step)
 
     iterator = iter(data() if callable(data) else data)
@@ -372,7 +413,7 @@ def run_stage(
                       'get_state()/set_state(); pass a grain IterDataset or DataLoader so that '
                       'its position can be checkpointed.')
     if latest is not None:
-      restored = _restore(manager, latest, _abstract_target(init_state), iterator)
+      restored = _restore(manager, latest, restore_target(), iterator)
       state = restored.state
       logger.info('%s: resuming from the checkpoint of step %d in %s.', stage, latest,
                   checkpoint_dir)
@@ -400,6 +441,7 @@ def run_stage(
     log.close()
     if is_main:
       _finish_files(stage_dir, progress, plot)
+    barrier(f'{stage}: finished')  # done.json and best.json are there for every process
     return state, _history(stage_dir, progress, latest, state_step)
   finally:
     # Let saves in flight complete: on an error, the last good checkpoint must be on disk.
@@ -433,6 +475,9 @@ def _train(stage: str, state: Any, step_fn: StepFn, iterator: Any,
     step += 1
     elapsed = elapsed_before + time.perf_counter() - run_start
     time_up = time_limit_s is not None and elapsed >= time_limit_s
+    if time_limit_s is not None and jax.process_count() > 1:
+      # The processes' clocks differ: all must stop (and save) at the same step.
+      time_up = bool(multihost_utils.broadcast_one_to_all(np.asarray(time_up)))
     evaluate = eval_fn is not None and (
         (eval_every and step % eval_every == 0) or step == num_steps or time_up)
     boundary = evaluate or time_up or step == num_steps or step % checkpoint_every == 0

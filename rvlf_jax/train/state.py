@@ -60,18 +60,26 @@ def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformat
                        opt_state=opt_state)
 
 
-def abstract(tree: Any) -> Any:
+def abstract(tree: Any, shardings: Any = None) -> Any:
   """`jax.ShapeDtypeStruct`s of a tree of arrays, keeping each array's sharding.
 
   The restore target for orbax: built directly rather than with
   `ocp.utils.to_shape_dtype_struct`, which rejects numpy scalar leaves. Leaves may be jax arrays
-  (sharding kept), numpy arrays or scalars (no sharding: orbax then restores onto the default
-  device), or `ShapeDtypeStruct`s, e.g. from `jax.eval_shape` of a jitted initialiser with
-  `out_shardings` (sharding kept, so nothing is materialised to build the target).
+  (sharding kept), numpy arrays or scalars (no sharding), or `ShapeDtypeStruct`s, e.g. from
+  `jax.eval_shape` of a jitted initialiser with `out_shardings` (sharding kept, so nothing is
+  materialised to build the target).
+
+  Args:
+    tree: the arrays.
+    shardings: a sharding per leaf (a tree of the same structure) to use instead of the leaves'
+      own: restoring onto another mesh than the one that saved.
   """
 
-  def leaf(x: Any) -> jax.ShapeDtypeStruct:
+  def leaf(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
     dtype = x.dtype if hasattr(x, 'dtype') else np.result_type(x)
-    return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=getattr(x, 'sharding', None))
+    sharding = sharding if sharding is not None else getattr(x, 'sharding', None)
+    return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
 
-  return jax.tree.map(leaf, tree)
+  if shardings is None:
+    return jax.tree.map(leaf, tree)
+  return jax.tree.map(leaf, tree, shardings)

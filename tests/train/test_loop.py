@@ -303,3 +303,59 @@ def test_data_must_be_checkpointable_and_last(tmp_path):
       grain.ReadOptions(num_threads=0)).batch(4)
   with pytest.raises(RuntimeError, match="'short'.* ran out before step 6"):
     loop.run_stage('short', init_state, STEP, one_epoch, str(tmp_path), num_steps=10, plot=False)
+
+
+def _layout(tree, sharding):
+  """`sharding` for the matrices of a tree, the scalars (step, adam's count) replicated."""
+  scalar = (sharding if isinstance(sharding, jax.sharding.SingleDeviceSharding)
+            else jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+  return jax.tree.map(lambda x: sharding if np.ndim(x) == 2 else scalar, tree)
+
+
+def _sharded_state(sharding):
+  """A state whose parameter, adam moments included, is laid out by `sharding`."""
+  state = state_lib.create({'kernel': jnp.arange(64, dtype=jnp.float32).reshape(8, 8) / 7}, TX)
+  return jax.device_put(state, _layout(state, sharding))
+
+
+def _save(workdir, stage, state):
+  """One loop step that keeps `state` as it is, checkpointed as run_stage saves it."""
+  keep = lambda s, batch, rng: (s, {'loss': jnp.zeros(())})
+  loop.run_stage(stage, lambda: state, keep, make_data(), workdir, num_steps=1, plot=False,
+                 tensorboard=False)
+
+
+def test_a_checkpoint_restores_onto_another_mesh(tmp_path):
+  """Saved split over 8 devices, restored onto 1 device, onto a (2, 4) mesh split the other way,
+  and back: a target's shardings decide, not the saver's."""
+  P = jax.sharding.PartitionSpec
+  devices = np.asarray(jax.devices())
+  assert devices.size == 8, 'tests/conftest.py sets up 8 fake CPU devices'
+  mesh8 = jax.sharding.Mesh(devices, ('fsdp',))
+  mesh24 = jax.sharding.Mesh(devices.reshape(2, 4), ('data', 'tensor'))
+  split8 = jax.sharding.NamedSharding(mesh8, P('fsdp', None))
+  split24 = jax.sharding.NamedSharding(mesh24, P(None, 'tensor'))
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  workdir = str(tmp_path)
+  saved = _sharded_state(split8)
+  want = leaves(saved)
+  _save(workdir, 'eight', saved)
+
+  for sharding in (one, split24):
+    layout = _layout(saved, sharding)
+    got = loop.restore_state(workdir, 'eight', state_lib.abstract(saved, layout), 'latest')
+    assert jax.tree.map(lambda x: x.sharding, got) == layout
+    for a, b in zip(leaves(got), want):
+      np.testing.assert_array_equal(a, b)
+  # Traced from a function whose outputs carry no sharding: onto the first device.
+  plain = lambda: state_lib.create({'kernel': jnp.zeros((8, 8))}, TX)
+  got = loop.restore_state(workdir, 'eight', plain, 'latest')
+  assert all(x.sharding == one for x in jax.tree.leaves(got))
+
+  # Saved by one device, restored split over 8.
+  _save(workdir, 'one', _sharded_state(one))
+  got = loop.restore_state(workdir, 'one', _sharded_state(split8), 'latest')
+  kernel = got.params['kernel']
+  assert kernel.sharding == split8 and kernel.addressable_shards[0].data.shape == (1, 8)
+  for a, b in zip(leaves(got), want):
+    np.testing.assert_array_equal(a, b)

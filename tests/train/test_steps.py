@@ -5,6 +5,7 @@ import pytest
 
 import jax
 
+from rvlf_jax import sharding
 from rvlf_jax.data import pipeline
 from rvlf_jax.data.synthsign import SynthSign
 from rvlf_jax.data.tokenizers import PromptTemplate, SentencePieceTokenizer
@@ -104,3 +105,29 @@ def test_grpo_step_updates_only_adapters_from_group_rewards(data):
   moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(state.params),
                                                 jax.tree.leaves(before))]
   assert max(moved) > 0
+
+
+def test_grpo_trainer_on_a_mesh_matches_plain_jit(data):
+  """GRPOTrainer(mesh=...) shards prefix, sampling, reference and update over the mesh (rows
+  over data x fsdp, parameters by their logical axes) and computes the plain-jit step."""
+  tokenizer, batch, prompt = data
+  host_batch = {**batch, 'text': np.asarray(['you go home today'] * len(batch['text_ids']))}
+  model, tx, state = lora_translator('llama', tokenizer.vocab_size, grpo.trained_mask, 1e-2)
+  config = grpo.GRPOConfig(group_size=2, sampling=SamplingConfig(temperature=1.0,
+                                                                 max_new_tokens=8),
+                           rewards=(('length_penalty', 1.0), ('bleu', 0.0)), mu=2)
+  fresh = lambda: jax.tree.map(np.asarray, state)
+  want_state, want = grpo.GRPOTrainer(model, tx, prompt, tokenizer, config).step(
+      jax.tree.map(jax.numpy.asarray, fresh()), host_batch, jax.random.key(3))
+
+  mesh = sharding.mesh_from_config((2, 2, 2))
+  shardings = sharding.state_shardings(fresh(), model.abstract_params(boxed=True), mesh)
+  trainer = grpo.GRPOTrainer(model, tx, prompt, tokenizer, config, mesh=mesh,
+                             state_shardings=shardings)
+  got_state, got = trainer.step(jax.device_put(fresh(), shardings), host_batch,
+                                jax.random.key(3))
+  assert jax.tree.map(lambda x: x.sharding, got_state) == shardings
+  for key in ('loss', 'kl', 'reward_total_mean', 'completion_length_mean'):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
