@@ -402,16 +402,6 @@ def plan_stage(config: ml_collections.ConfigDict, stage: str, mesh: jax.sharding
       compile_s=compile_s)
 
 
-def parse_stages(value: str) -> tuple[str, ...]:
-  if value == 'all':
-    return build.STAGES
-  names = tuple(s.strip() for s in value.split(',') if s.strip())
-  unknown = [n for n in names if n not in build.STAGES]
-  if unknown or not names:
-    raise build.ConfigError(f'--stage: {value!r}; use all or some of {build.STAGES}.')
-  return tuple(s for s in build.STAGES if s in names)
-
-
 def plan(config: ml_collections.ConfigDict, stages: Sequence[str], num_devices: int,
          **kwargs: Any) -> list[StagePlan]:
   """Checks the config as launch.train does (mesh against devices, batches against data x
@@ -486,7 +476,7 @@ def main(argv):
     before, _, after = _PROMPT.value.partition(',')
     hbm = _HBM_GIB.value if _HBM_GIB.value is not None else TPU_HBM_GIB[_TPU.value]
     plans = []
-    for stage in parse_stages(_STAGE.value):
+    for stage in build.parse_stages(_STAGE.value):
       plans += plan(config, [stage], num_devices, prompt=(int(before), int(after or 0)),
                     hbm_bytes=int(hbm * GIB), fast_compile=_FAST.value)
       print(format_plan(plans[-1]), flush=True)

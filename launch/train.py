@@ -58,17 +58,8 @@ def initialize_distributed() -> None:
 
 
 def parse_stages(value: str) -> tuple[str, ...]:
-  """'all' -> the recipe's stages; 'sft,grpo' -> ('sft', 'grpo'), in recipe order."""
-  if value == 'all':
-    return build.STAGES
-  names = tuple(s.strip() for s in value.split(',') if s.strip())
-  known = build.STAGES + ('control',)
-  for name in names:
-    if name not in known:
-      raise build.ConfigError(f'--stage: unknown stage {name!r}; use all or some of {known}.')
-  if not names:
-    raise build.ConfigError('--stage is empty.')
-  return tuple(s for s in known if s in names)
+  """'all' -> the recipe's stages; 'sft,grpo' -> ('sft', 'grpo'); also 'control'."""
+  return build.parse_stages(value, extra=('control',))
 
 
 def main(argv):

@@ -258,6 +258,21 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> dict[str,
   return sizes
 
 
+def parse_stages(value: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+  """A --stage flag: 'all' -> STAGES; 'sft,grpo' -> ('sft', 'grpo'), in recipe order; `extra`
+  names more stages the caller accepts (launch.train's 'control')."""
+  if value == 'all':
+    return STAGES
+  known = STAGES + tuple(extra)
+  names = tuple(s.strip() for s in value.split(',') if s.strip())
+  for name in names:
+    if name not in known:
+      raise ConfigError(f'--stage: unknown stage {name!r}; use all or some of {known}.')
+  if not names:
+    raise ConfigError('--stage is empty.')
+  return tuple(s for s in known if s in names)
+
+
 def check(config: ml_collections.ConfigDict, *, stages: Sequence[str], num_devices: int,
           num_processes: int = 1) -> None:
   """Every rule a run needs before it starts; raises ConfigError on the first broken one."""
