@@ -18,7 +18,9 @@ Batches (all numpy):
   'id' str[B], 'text' str[B]         the example ids and reference translations (host only)
 
 Training pipelines shuffle anew each epoch, shard by JAX process and have a checkpointable
-iterator (`iterator.get_state()` / `set_state()`); eval pipelines are ordered and yield every
+iterator; when the source knows its clips' lengths (`frame_counts`), they can also group clips
+of similar length into batches (`length_grouped_order`), so that little of a batch is padding.
+Their iterator (`iterator.get_state()` / `set_state()`); eval pipelines are ordered and yield every
 example exactly once. Bad examples either raise (strict) or are skipped, counted and reported
 (lenient, the default for training) by a `SkipReport`.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import sys
 import threading
 from typing import Any, Callable, Mapping, Sequence
 
@@ -250,6 +253,11 @@ class SplitSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     return self.dataset.example(self.split, int(index), frames=self.frames)
 
+  def frame_counts(self) -> np.ndarray | None:
+    """Frames per example when the dataset knows them without loading clips, else None."""
+    counts = getattr(self.dataset, 'frame_counts', None)
+    return None if counts is None else counts(self.split)
+
   def __repr__(self) -> str:
     return f'SplitSource({type(self.dataset).__name__}, {self.split!r}, frames={self.frames})'
 
@@ -329,6 +337,9 @@ class FeaturizedSource:
         example = self._cache[index] = self.featurize(self.source[index])
     return example
 
+  def frame_counts(self) -> np.ndarray | None:
+    return frame_counts(self.source)
+
   def __getstate__(self):
     return {'source': self.source, 'featurize': self.featurize}
 
@@ -337,6 +348,68 @@ class FeaturizedSource:
 
   def __repr__(self) -> str:
     return f'FeaturizedSource({self.source!r}, {len(self._cache)}/{len(self)} in memory)'
+
+
+def frame_counts(source: Sequence[Any]) -> np.ndarray | None:
+  """int[N] frames of each example of `source`, if it can tell without loading them (its
+  `frame_counts()` method), else None."""
+  counts = getattr(source, 'frame_counts', None)
+  counts = None if counts is None else counts()
+  if counts is None:
+    return None
+  counts = np.asarray(counts, np.int64)
+  if counts.shape != (len(source),):
+    raise ValueError(f'{source!r}: frame_counts() has shape {counts.shape}, the source has '
+                     f'{len(source)} examples.')
+  return counts
+
+
+def length_grouped_order(lengths: np.ndarray, batch_size: int, window: int, seed: int,
+                         epoch: int) -> np.ndarray:
+  """One epoch's order of examples such that each run of `batch_size` holds similar lengths.
+
+  The examples are shuffled (by seed and epoch), each window of `window` batches is sorted by
+  length and cut into batches, and the batches are shuffled. Every epoch holds
+  len(lengths) // batch_size full batches: the remainder (different examples each epoch) is left
+  out, so that batch boundaries never drift across epochs.
+  """
+  rng = np.random.default_rng((seed, epoch))
+  order = rng.permutation(len(lengths))
+  span = batch_size * window
+  for start in range(0, len(order), span):
+    chunk = order[start:start + span]
+    order[start:start + span] = chunk[np.argsort(lengths[chunk], kind='stable')]
+  num_batches = len(order) // batch_size
+  batches = order[:num_batches * batch_size].reshape(num_batches, batch_size)
+  return batches[rng.permutation(num_batches)].reshape(-1)
+
+
+class _LengthGrouped:
+  """`source` read epoch after epoch in `length_grouped_order` (a random-access view, so that
+  grain's iterator state stays a position)."""
+
+  def __init__(self, source: Sequence[Any], lengths: np.ndarray, batch_size: int, window: int,
+               seed: int, num_epochs: int | None):
+    self.source, self.lengths = source, lengths
+    self.batch_size, self.window, self.seed = batch_size, window, seed
+    self.epoch_length = len(lengths) // batch_size * batch_size
+    self.num_epochs = num_epochs
+    self._order: tuple[int, np.ndarray] | None = None
+
+  def __len__(self) -> int:
+    if self.num_epochs is None:
+      return sys.maxsize
+    return self.epoch_length * self.num_epochs
+
+  def __getitem__(self, index: int) -> Any:
+    epoch, position = divmod(int(index), self.epoch_length)
+    if self._order is None or self._order[0] != epoch:
+      self._order = epoch, length_grouped_order(self.lengths, self.batch_size, self.window,
+                                                self.seed, epoch)
+    return self.source[int(self._order[1][position])]
+
+  def __repr__(self) -> str:
+    return f'_LengthGrouped({self.source!r}, window={self.window})'
 
 
 def _featurized(source: Sequence[Any], featurize: Featurizer | None
@@ -348,6 +421,21 @@ def _featurized(source: Sequence[Any], featurize: Featurizer | None
   if not ready and featurize is None:
     raise ValueError('featurize is required unless the source is a FeaturizedSource.')
   return grain.MapDataset.source(source), source.featurize if ready else featurize, not ready
+
+
+def _read_options(pending: bool, batch_size: int) -> grain.ReadOptions:
+  """How grain reads a pipeline's examples in this process.
+
+  Examples kept in memory (or featurized on first use, which holds the GIL) are read in the
+  calling thread: the training loop already fetches the next batch while the device runs the
+  current step. grain's default (16 threads, 500 prefetched examples) polls its whole buffer
+  for every example read, which cost about 50 ms of a core per batch of 32 (measured with
+  cProfile), as much as the model's step. Examples still to featurize (reading pose files) get
+  two threads and a buffer of two batches.
+  """
+  if not pending:
+    return grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * batch_size)
 
 
 def annotation_clips(records: Sequence[annotations.Annotation], *, size: int | None = None,
@@ -404,7 +492,8 @@ def train_pipeline(source: Sequence[Any], featurize: Featurizer | None, batch_si
                    seed: int,
                    num_epochs: int | None = None, pad_id: int = 0, workers: int = 0,
                    report: SkipReport | None = None,
-                   shard: tuple[int, int] | None = None) -> grain.IterDataset:
+                   shard: tuple[int, int] | None = None,
+                   group_by_length: int = 0) -> grain.IterDataset:
   """Shuffled (anew each epoch), process-sharded, bucketed training batches.
 
   Args:
@@ -418,16 +507,26 @@ def train_pipeline(source: Sequence[Any], featurize: Featurizer | None, batch_si
     workers: grain worker processes for featurizing (0: in process).
     report: collects skips and truncations (pass one to read its counts and summary).
     shard: (index, count); default (jax.process_index(), jax.process_count()).
+    group_by_length: when > 0 and the source knows its clips' lengths (`frame_counts`), batches
+      hold clips of similar length: `length_grouped_order` over windows of this many batches.
+      Each epoch then leaves out the last len(shard) % batch_size examples (others each time).
 
   Returns:
     A grain IterDataset; `iter()` it and use `get_state()` / `set_state()` to checkpoint.
   """
   index, count = shard or (jax.process_index(), jax.process_count())
   ds, featurize, pending = _featurized(source, featurize)
-  ds = ds[index::count]
-  epoch_length = len(ds)
-  ds = ds.shuffle(seed=seed).repeat(num_epochs)
-  ds = (ds.map(featurize) if pending else ds).to_iter_dataset()
+  lengths = frame_counts(source) if group_by_length > 0 else None
+  if lengths is not None:
+    view = _LengthGrouped(ds[index::count], lengths[index::count], batch_size, group_by_length,
+                          seed, num_epochs)
+    epoch_length = view.epoch_length
+    ds = grain.MapDataset.source(view)
+  else:
+    ds = ds[index::count]
+    epoch_length = len(ds)
+    ds = ds.shuffle(seed=seed).repeat(num_epochs)
+  ds = (ds.map(featurize) if pending else ds).to_iter_dataset(_read_options(pending, batch_size))
   if workers:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   report = report or SkipReport('train')
@@ -452,7 +551,8 @@ def eval_pipeline(source: Sequence[Any], featurize: Featurizer | None, batch_siz
     ds = ds[:limit]
   ds = ds[index::count]
   report = report or SkipReport('eval')
-  ds = (ds.map(featurize) if pending else ds).to_iter_dataset().filter(
+  ds = (ds.map(featurize) if pending else ds).to_iter_dataset(
+      _read_options(pending, batch_size)).filter(
       _drop_skipped(report, len(ds), logging.getLogger('rvlf_jax.data')))
   return ds.batch(batch_size, drop_remainder=False,
                   batch_fn=lambda xs: collate(xs, featurize.buckets, pad_id, batch_size))

@@ -48,6 +48,9 @@ class Data:
     workers: grain worker processes.
     in_memory: featurize each example once and keep it in memory for the rest of the run
       (`pipeline.FeaturizedSource`), instead of featurizing it again in every epoch.
+    group_by_length: training batches of clips of similar length, sorted within windows of this
+      many batches (`pipeline.length_grouped_order`; 0: off; only where the source knows its
+      clips' lengths, e.g. SynthSign).
   """
 
   tokenizer: tokenizers.Tokenizer
@@ -58,6 +61,7 @@ class Data:
   encoder_dir: str | None
   workers: int = 0
   in_memory: bool = False
+  group_by_length: int = 0
   _featurized: dict[str, pipeline.FeaturizedSource] = dataclasses.field(
       default_factory=dict, repr=False)
 
@@ -75,7 +79,7 @@ class Data:
     source, featurize = self._source('train')
     return pipeline.train_pipeline(source, featurize, batch_size, seed=seed,
                                    pad_id=self.tokenizer.pad_id, workers=self.workers,
-                                   report=report)
+                                   report=report, group_by_length=self.group_by_length)
 
   def eval(self, split: str, batch_size: int, limit: int | None = None):
     """Every example of `split` (its first `limit`) once, in order, in padded batches.
@@ -281,4 +285,5 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
   stats = _keypoint_stats(config, workdir, sources['train'], log)
   return Data(tokenizer, featurizer(config, tokenizer, cache, stats), sources, texts,
               visual_width, encoder_dir, workers=config.data.workers,
-              in_memory=bool(config.data.get('in_memory', False)))
+              in_memory=bool(config.data.get('in_memory', False)),
+              group_by_length=int(config.data.get('group_by_length', 0)))

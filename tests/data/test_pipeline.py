@@ -124,6 +124,68 @@ def test_restored_iterator_yields_the_same_batches(workers):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+class CountedDataset(FakeDataset):
+  """FakeDataset that knows its clips' lengths, as a cached SynthSign does."""
+
+  def frame_counts(self, split):
+    return np.array([5 + (i * 7) % 36 for i in range(self.n)])
+
+
+def test_length_grouped_order_is_a_shuffled_epoch_of_similar_lengths():
+  lengths = np.random.default_rng(0).integers(10, 100, 1000)
+  order = pipeline.length_grouped_order(lengths, 10, 8, seed=1, epoch=0)
+  assert len(order) == 1000 and len(set(order)) == 1000
+  spread = np.ptp(lengths[order].reshape(100, 10), axis=1)
+  shuffled = np.ptp(lengths[np.random.default_rng(2).permutation(1000)].reshape(100, 10), axis=1)
+  assert spread.mean() < shuffled.mean() / 4
+  # Anew each epoch; the same for the same (seed, epoch); the remainder is left out.
+  assert not np.array_equal(order, pipeline.length_grouped_order(lengths, 10, 8, 1, 1))
+  np.testing.assert_array_equal(order, pipeline.length_grouped_order(lengths, 10, 8, 1, 0))
+  assert len(pipeline.length_grouped_order(lengths[:995], 10, 8, 1, 0)) == 990
+
+
+def test_grouped_batches_pad_less_and_cover_each_epoch():
+  source = pipeline.SplitSource(CountedDataset(64), 'train')
+  run = lambda group: list(pipeline.train_pipeline(
+      source, featurizer(), 8, seed=0, num_epochs=2, shard=(0, 1), group_by_length=group))
+  grouped, plain = run(4), run(0)
+  padded = lambda batches: sum(b['frame_mask'].size for b in batches)
+  assert padded(grouped) < padded(plain)
+  for epoch in (grouped[:8], grouped[8:]):
+    assert sorted(ids_of(epoch)) == sorted(f'train-{i}' for i in range(64))
+  assert ids_of(grouped[:8]) != ids_of(grouped[8:])
+  # In memory, the same batches.
+  memory = pipeline.FeaturizedSource(source, featurizer())
+  cached = list(pipeline.train_pipeline(memory, None, 8, seed=0, num_epochs=2, shard=(0, 1),
+                                        group_by_length=4))
+  assert ids_of(cached) == ids_of(grouped)
+
+
+def test_grouped_iterator_restores_and_shards():
+  source = pipeline.SplitSource(CountedDataset(40), 'train')
+  make = lambda shard=(0, 1): iter(pipeline.train_pipeline(source, featurizer(), 4, seed=5,
+                                                           shard=shard, group_by_length=2))
+  uninterrupted = make()
+  expected = [next(uninterrupted)['id'] for _ in range(15)]
+  interrupted = make()
+  for _ in range(7):
+    next(interrupted)
+  resumed = make()
+  resumed.set_state(interrupted.get_state())
+  assert [list(next(resumed)['id']) for _ in range(8)] == [list(i) for i in expected[7:]]
+  halves = [set(i for _ in range(5) for i in next(it)['id']) for it in (make((0, 2)),
+                                                                        make((1, 2)))]
+  assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 40
+
+
+def test_sources_without_lengths_are_shuffled_as_before():
+  source = pipeline.SplitSource(FakeDataset(12), 'train')
+  assert pipeline.frame_counts(source) is None
+  args = dict(seed=3, num_epochs=1, shard=(0, 1))
+  assert ids_of(pipeline.train_pipeline(source, featurizer(), 4, group_by_length=4, **args)) == \
+      ids_of(pipeline.train_pipeline(source, featurizer(), 4, **args))
+
+
 @dataclasses.dataclass(frozen=True)
 class CountingFeaturizer(Featurizer):
   calls: list = dataclasses.field(default_factory=list)

@@ -328,6 +328,13 @@ def test_cache_round_trip_and_identical_bytes(ds, tmp_path):
       _assert_same(loaded.example(split, i, frames=False), ds.example(split, i, frames=False),
                    frames=False)
   _assert_same(loaded.example('dev', 1), ds.example('dev', 1))
+  # The cache knows every clip's length without loading it (for length-grouped batches).
+  assert ds.frame_counts('train') is None
+  for split in SPLITS:
+    np.testing.assert_array_equal(
+        loaded.frame_counts(split),
+        [len(loaded.example(split, i, frames=False)['keypoints'])
+         for i in range(ds.num_examples(split))])
   SynthSign('tiny', seed=0).save(str(tmp_path / 'b'), workers=2)
   names = sorted(os.listdir(tmp_path / 'a'))
   assert names == sorted(os.listdir(tmp_path / 'b'))

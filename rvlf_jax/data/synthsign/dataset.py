@@ -140,6 +140,14 @@ class SynthSign:
                              _rng(self.config, split, index, 'scene'), self.config.fps,
                              self.config.image_size)
 
+  def frame_counts(self, split: str) -> np.ndarray | None:
+    """int[N] frames of each example of `split`, from the cache's manifest (None when the
+    dataset was not loaded from a cache: the counts would take building every scene)."""
+    _check_split(split)
+    if split not in self._manifest:
+      return None
+    return np.array([row['num_frames'] for row in self._manifest[split]], np.int64)
+
   def example_id(self, split: str, index: int) -> str:
     """The id of an example, e.g. 'synthsign-0-train-000017' (nothing is generated)."""
     self._check_index(split, index)
