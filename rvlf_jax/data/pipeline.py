@@ -18,10 +18,10 @@ Batches (all numpy):
   'id' str[B], 'text' str[B]         the example ids and reference translations (host only)
 
 Training pipelines shuffle anew each epoch, shard by JAX process and have a checkpointable
-iterator; when the source knows its clips' lengths (`frame_counts`), they can also group clips
-of similar length into batches (`length_grouped_order`), so that little of a batch is padding.
-Their iterator (`iterator.get_state()` / `set_state()`); eval pipelines are ordered and yield every
-example exactly once. Bad examples either raise (strict) or are skipped, counted and reported
+iterator (`iterator.get_state()` / `set_state()`); when the source knows its clips' lengths
+(`frame_counts`), they can also batch clips of similar length together
+(`length_grouped_order`), so that little of a batch is padding. Eval pipelines are ordered and
+yield every example exactly once. Bad examples either raise (strict) or are skipped, counted and reported
 (lenient, the default for training) by a `SkipReport`.
 """
 
