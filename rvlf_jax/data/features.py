@@ -418,8 +418,6 @@ class _Writer:
         raise FeatureCacheError(self.manifest_path,
                                 f'the cache was built with another encoder or settings ({diff}); '
                                 'use a new folder or delete this one.')
-      self.manifest['complete'] = False
-      self.manifest['updated'] = _now()
     else:
       if os.path.isdir(out_dir) and any(not n.startswith(_TMP_PREFIX) for n in os.listdir(out_dir)):
         raise FeatureCacheError(out_dir, f'not empty and has no {MANIFEST}; refusing to write a '
@@ -431,16 +429,31 @@ class _Writer:
           'created': {'time': _now(), 'host': platform.node(), 'jax': jax.__version__,
                       'devices': sorted({d.device_kind for d in jax.devices()})},
       }
-    for name in os.listdir(out_dir):
-      if name.startswith(_TMP_PREFIX):  # Left by an interrupted run.
-        os.remove(os.path.join(out_dir, name))
     self.clips = self.manifest['clips']
     self.shapes = {k: tuple(v['shape']) for k, v in self.manifest['features'].items()}
     self.buffer: list[tuple[str, dict[str, np.ndarray]]] = []
     self.buffer_bytes = 0
+    # A complete cache is only read until a clip is added to it, so runs sharing a finished
+    # cache (seeds, ablations) can start together.
+    self.writing = False
+    if not self.manifest['complete']:
+      self._open()
+
+  def _open(self):
+    """Takes the folder for writing: incomplete until closed, temporary files of an interrupted
+    run removed."""
+    self.writing = True
+    if self.manifest['clips']:
+      self.manifest['updated'] = _now()
+    self.manifest['complete'] = False
+    for name in os.listdir(self.out_dir):
+      if name.startswith(_TMP_PREFIX):
+        os.remove(os.path.join(self.out_dir, name))
     self._write_manifest()
 
   def add(self, clip_id: str, arrays: dict[str, np.ndarray]):
+    if not self.writing:
+      self._open()
     for name, array in arrays.items():
       shape = tuple(array.shape[1:])
       if name not in self.shapes:
@@ -456,6 +469,8 @@ class _Writer:
       self._flush()
 
   def close(self):
+    if not self.writing:
+      return
     if self.buffer:
       self._flush()
     self.manifest['complete'] = True

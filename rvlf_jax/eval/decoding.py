@@ -19,6 +19,13 @@ import jax.numpy as jnp
 from rvlf_jax.models import decoder
 
 
+def first_argmax(x_bv: jax.Array) -> jax.Array:
+  """int32[B]: the first index of each row's maximum, as `jnp.argmax` (rows without NaN)."""
+  top = x_bv.max(axis=-1, keepdims=True)
+  iota = jnp.arange(x_bv.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x_bv == top, iota, x_bv.shape[-1] - 1), axis=-1)
+
+
 @functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'eos_id'))
 def greedy_decode(model: decoder.Decoder, params, prompt_embeds_btd: jax.Array,
                   prompt_positions_bt: jax.Array, *, max_new_tokens: int,
@@ -36,6 +43,7 @@ def greedy_decode(model: decoder.Decoder, params, prompt_embeds_btd: jax.Array,
   Returns:
     (tokens int32[B, N], lengths int32[B]: tokens up to and including the first eos, else N).
   """
+  model, params = decoder.unrolled(model, params)
   b, p = prompt_positions_bt.shape
   cache = decoder.init_cache(model.config, b, p + max_new_tokens)
   out = model.apply({'params': params}, embeds_btd=prompt_embeds_btd,
@@ -47,7 +55,7 @@ def greedy_decode(model: decoder.Decoder, params, prompt_embeds_btd: jax.Array,
 
   def step(i, carry):
     cache, logits, tokens, done = carry
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = first_argmax(logits).astype(jnp.int32)
     if eos_id is not None:
       token = jnp.where(done, eos_id, token)
       done = done | (token == eos_id)
@@ -133,6 +141,7 @@ def beam_search(model: decoder.Decoder, params, prompt_embeds_bpd: jax.Array,
   if beam_size < 1 or max_new_tokens < 1:
     raise ValueError(f'beam_size ({beam_size}) and max_new_tokens ({max_new_tokens}) must be '
                      'positive.')
+  model, params = decoder.unrolled(model, params)
   b = prompt_positions_bp.shape[0]
   k, n = beam_size, max_new_tokens
   prefix_cache, first_logits = prefill(model, params, prompt_embeds_bpd, prompt_positions_bp)

@@ -653,6 +653,23 @@ class Decoder(nn.Module):
     return DecoderOutput(self.logits(x_out), cache, hidden_states)
 
 
+def unrolled(model: Decoder, params: Any) -> tuple[Decoder, Any]:
+  """(model, params) with the layers looped rather than scanned; the same function.
+
+  For decoding loops: a scanned stack slices every layer's weights out of the [L, ...] arrays at
+  every token (on CPU, half of batch-1 greedy time), a looped one slices them once, before the
+  loop. The KV-cache layout is the same. A model that is not scanned is returned as it is.
+  """
+  if not model.config.scan_layers:
+    return model, params
+  transformer = dict(params['transformer'])
+  stacked = transformer.pop('layers')
+  for i in range(model.config.num_layers):
+    transformer[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  config = dataclasses.replace(model.config, scan_layers=False)
+  return model.clone(config=config), {**params, 'transformer': transformer}
+
+
 def init_cache(config: DecoderConfig, batch: int, max_len: int, dtype: str | None = None):
   """An empty KV cache for `config` (see `attention.init_cache`), in the compute dtype."""
   return attention.init_cache(config.num_layers, batch, max_len, config.num_kv_heads,

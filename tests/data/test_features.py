@@ -158,6 +158,23 @@ def test_resume_skips_cached_clips(params, tmp_path):
   assert len(cache.manifest['shards']) == 2
 
 
+
+def test_complete_cache_is_only_read(params, tmp_path):
+  """Runs sharing a finished cache start together: a build that adds nothing writes nothing
+  (another run's temporary files are left alone); one that adds a clip takes the folder."""
+  clips = make_clips()
+  ft.build_feature_cache(clips[:2], CONFIG, params, tmp_path, **SAME)
+  manifest = (tmp_path / ft.MANIFEST)
+  before = manifest.read_bytes(), manifest.stat().st_mtime_ns
+  (tmp_path / f'{ft._TMP_PREFIX}other-run').write_bytes(b'x')
+  cache = ft.build_feature_cache(clips[:2], CONFIG, params, tmp_path, **SAME)
+  assert cache.complete and cache.ids() == ['clip-0', 'clip-1']
+  assert (manifest.read_bytes(), manifest.stat().st_mtime_ns) == before
+  assert (tmp_path / f'{ft._TMP_PREFIX}other-run').exists()
+  cache = ft.build_feature_cache(clips[:3], CONFIG, params, tmp_path, **SAME)
+  assert cache.complete and cache.ids() == ['clip-0', 'clip-1', 'clip-2']
+  assert not (tmp_path / f'{ft._TMP_PREFIX}other-run').exists()
+
 def test_loaders_called_only_for_uncached_clips(f32_cache, params, tmp_path):
   clips = make_clips()
   ft.build_feature_cache(clips[:2], CONFIG, params, tmp_path, **SAME)

@@ -97,7 +97,7 @@ def test_remat_keeps_values_and_gradients(remat):
   base_loss, base_grad = jax.value_and_grad(loss)(params, config)
   for scan in (True, False):
     cfg = config.replace(remat=remat, scan_layers=scan)
-    p = params if scan else _unstack(params, config.num_layers)
+    p = params if scan else decoder.unrolled(Decoder(config), params)[1]
     value, grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)(p, cfg)
     np.testing.assert_allclose(value, base_loss, rtol=1e-6)
     if not scan:
@@ -106,11 +106,26 @@ def test_remat_keeps_values_and_gradients(remat):
       np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def _unstack(params, n):
-  layers = params['transformer'].pop('layers')
-  params = jax.tree.map(lambda x: x, params)
-  params['transformer'] = {f'layers_{i}': jax.tree.map(lambda x: x[i], layers) for i in range(n)}
-  return params
+@pytest.mark.parametrize('family', ['llama', 'gemma3'])
+def test_unrolled_is_the_same_function(family):
+  """Decoding loops unroll a scanned decoder: same logits and cache, prefilled and per token."""
+  config = DecoderConfig.tiny(family)
+  model = Decoder(config)
+  params = decoder.init_params(config, jax.random.key(0))
+  looped, looped_params = decoder.unrolled(model, params)
+  assert not looped.config.scan_layers
+  assert sorted(looped_params['transformer']) == [f'layers_{i}' for i in range(config.num_layers)]
+  assert decoder.unrolled(looped, looped_params)[0] is looped  # already looped: unchanged
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, config.vocab_size)
+  outs = []
+  for m, p in ((model, params), (looped, looped_params)):
+    cache = decoder.init_cache(config, 2, 8)
+    out = m.apply({'params': p}, tokens, cache=cache)
+    step = m.apply({'params': p}, tokens[:, :1], positions_bt=jnp.full((2, 1), 6),
+                   cache=out.cache)
+    outs.append((out.logits, step.logits, step.cache['k'], step.cache['v']))
+  for a, b in zip(*outs):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def _stack(params, n):

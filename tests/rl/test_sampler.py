@@ -95,3 +95,19 @@ def test_top_k_and_top_p_restrict_the_draw():
   np.testing.assert_allclose(logp, np.log(0.5), rtol=1e-6)  # the policy's, not the truncated one
   with pytest.raises(ValueError):
     SamplingConfig(top_p=0.0)
+
+
+def test_draws_are_those_of_jax_random_categorical():
+  """sample_token's Gumbel-max with two plain reductions draws what jax.random.categorical does
+  with the same key, and greedy picks the first maximum as jnp.argmax."""
+  logits = 3 * jax.random.normal(jax.random.key(0), (16, 300))
+  logits = logits.at[:, 7].set(logits.max(axis=-1))  # ties: the first index wins
+  config = SamplingConfig(temperature=1.0)
+  for seed in range(5):
+    key = jax.random.key(seed)
+    tokens, logp = sampler.sample_token(logits, key, config)
+    np.testing.assert_array_equal(tokens, jax.random.categorical(key, logits, axis=-1))
+    np.testing.assert_allclose(
+        logp, jax.nn.log_softmax(logits)[jnp.arange(16), tokens], rtol=1e-6)
+  greedy, _ = sampler.sample_token(logits, key, SamplingConfig(temperature=0.0))
+  np.testing.assert_array_equal(greedy, jnp.argmax(logits, axis=-1))
