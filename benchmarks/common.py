@@ -63,9 +63,13 @@ class Env:
   Attributes:
     cpu: CPU model name; cores: logical CPUs JAX and torch may use.
     device: the JAX default device, in words.
-    matmul_gflops: dense float32 2048^3 matmul, jitted JAX, median GFLOP/s (the MFU reference).
+    matmul_gflops: the machine's dense float32 matmul peak, GFLOP/s (the MFU reference): the
+      faster of `matmul_gflops_jax` and `matmul_gflops_blas`.
     bandwidth_gbs: memory bandwidth of a large array copy, GB/s (read + write bytes / time).
     versions: library -> version string.
+    matmul_gflops_jax: a 2048^3 matmul jitted in JAX (XLA's own GEMM), median GFLOP/s.
+    matmul_gflops_blas: the same product in numpy (the BLAS it links, as torch's CPU GEMMs are of
+      that class), median GFLOP/s; None when not measured.
   """
 
   cpu: str
@@ -74,6 +78,8 @@ class Env:
   matmul_gflops: float
   bandwidth_gbs: float
   versions: dict[str, str]
+  matmul_gflops_jax: float | None = None
+  matmul_gflops_blas: float | None = None
 
 
 def cpu_name() -> str:
@@ -110,6 +116,16 @@ def measure_matmul_gflops(n: int = 2048, reps: int = 5) -> float:
   return 2 * n ** 3 / timing.median / 1e9
 
 
+def measure_blas_matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+  """Median GFLOP/s of a float32 n^3 matmul in numpy (its BLAS, all cores)."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((n, n), np.float32)
+  b = rng.standard_normal((n, n), np.float32)
+  out = np.empty_like(a)
+  timing = time_fn(lambda: np.matmul(a, b, out=out), reps=reps, warmup=2)
+  return 2 * n ** 3 / timing.median / 1e9
+
+
 def measure_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> float:
   """Median GB/s of copying a float32 array of `mbytes` MB (bytes read + written / time)."""
   src = np.ones(mbytes * 2 ** 20 // 4, np.float32)
@@ -121,10 +137,16 @@ def measure_bandwidth_gbs(mbytes: int = 256, reps: int = 5) -> float:
 def measure_env() -> Env:
   import jax
   device = jax.devices()[0]
+  on_cpu = device.platform == 'cpu'
+  jax_gflops = measure_matmul_gflops()
+  # On a CPU, XLA's GEMM may be slower than the BLAS torch and numpy use: MFU is against the
+  # machine's peak, not against what XLA makes of it (the issue measured 179 GFLOP/s here).
+  blas_gflops = measure_blas_matmul_gflops() if on_cpu else None
   return Env(cpu=cpu_name(), cores=os.cpu_count() or 1,
              device=f'{device.platform}: {getattr(device, "device_kind", device)}',
-             matmul_gflops=measure_matmul_gflops(), bandwidth_gbs=measure_bandwidth_gbs(),
-             versions=library_versions())
+             matmul_gflops=max(jax_gflops, blas_gflops or 0.0),
+             bandwidth_gbs=measure_bandwidth_gbs(), versions=library_versions(),
+             matmul_gflops_jax=jax_gflops, matmul_gflops_blas=blas_gflops)
 
 
 def model_m_dir(**overrides) -> str:

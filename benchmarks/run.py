@@ -115,13 +115,19 @@ def summary_rows(results: Sequence[Result]) -> list[list[Any]]:
   return rows
 
 
+def _gflops(value: float | None) -> str:
+  return 'not measured' if value is None else f'{value:.1f} GFLOP/s'
+
+
 def _machine(env: common.Env) -> str:
   rows = [
       ['CPU', env.cpu],
       ['logical cores', env.cores],
       ['JAX device', env.device],
-      ['dense float32 matmul 2048^3 (jitted JAX, median of 5): the MFU reference',
+      ['dense float32 matmul 2048^3, the MFU reference: the faster of the two below',
        f'{env.matmul_gflops:.1f} GFLOP/s'],
+      ['... jitted JAX (XLA\'s GEMM), median of 5', _gflops(env.matmul_gflops_jax)],
+      ['... numpy (its BLAS), median of 5', _gflops(env.matmul_gflops_blas)],
       ['memory bandwidth (256 MB float32 copy, read + write bytes, median of 5)',
        f'{env.bandwidth_gbs:.1f} GB/s'],
   ]

@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.fusion = ml_collections.ConfigDict(dict(
       mode='gated_sum', skeleton_only=ablation == 'skeleton_only',
       visual_only=ablation == 'visual_only', d_model=128, visual_kernel=5, num_layers=0,
-      num_heads=4, mlp_dim=256, dropout=0.1, dtype='float32'))
+      num_heads=4, mlp_dim=256, dropout=0.1, visual_drop=0.0, dtype='float32'))
   c.model.decoder = ml_collections.ConfigDict(dict(
       hf_path='',            # an HF decoder folder; '' pretrains the small decoder below on text
       preset='',             # or a DecoderConfig preset (qwen3_8b, ...): sizes, random weights

@@ -50,6 +50,10 @@ class FusionConfig:
     num_layers: transformer layers over the fused tokens (0: none).
     num_heads, mlp_dim: of the cross-attention and of the layers after fusion.
     dropout: dropout rate in the visual stream and fusion.
+    visual_drop: in training, the probability that an example's sign tokens come from its
+      skeleton stream alone (the visual stream and fusion skipped for it): modality dropout, so
+      that the translator does not lean on frame features that identify training clips rather
+      than signs. 0 keeps both streams always; unused by the ablations.
     rope_theta, norm_eps: as in `skeleton.EncoderConfig`.
     dtype, param_dtype: computation and parameter dtypes (strings).
   """
@@ -65,6 +69,7 @@ class FusionConfig:
   num_heads: int = 4
   mlp_dim: int = 1024
   dropout: float = 0.1
+  visual_drop: float = 0.0
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   dtype: str = 'float32'
@@ -77,6 +82,8 @@ class FusionConfig:
       raise ValueError('skeleton_only and visual_only exclude each other.')
     if self.visual_strides is not None and any(s < 1 for s in self.visual_strides):
       raise ValueError(f'visual_strides must be positive, got {self.visual_strides}.')
+    if not 0.0 <= self.visual_drop < 1.0:
+      raise ValueError(f'visual_drop must be in [0, 1), got {self.visual_drop}.')
     _ = self.encoder  # Validates heads and dropout.
 
   @property
@@ -252,6 +259,10 @@ class SignEncoder(nn.Module):
       h = layers.GatedMLP(fcfg.d_model, fcfg.mlp_dim, 'silu', dtype=dtype,
                           param_dtype=param_dtype, name='cross_mlp')(norm('cross_mlp_norm')(x))
       x = x + drop(h)
+    if s is not None and v is not None and fcfg.visual_drop and not deterministic:
+      skeleton_alone = jax.random.bernoulli(self.make_rng('dropout'), fcfg.visual_drop,
+                                            (x.shape[0], 1, 1))
+      x = jnp.where(skeleton_alone, s, x)
     x = skel.TransformerEncoder(fcfg.encoder, name='encoder')(x, mask, deterministic)
     x = norm('output_norm')(x)
     return skel.mask_features(x, mask), mask

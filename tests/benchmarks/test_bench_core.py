@@ -57,6 +57,15 @@ def test_time_fn_runs_warmup_then_timed_reps():
     common.time_fn(fn, reps=0)
 
 
+
+def test_mfu_reference_is_the_faster_of_xla_and_blas():
+  """On a CPU XLA's GEMM can be slower than BLAS: MFU is against the machine's peak."""
+  env = common.measure_env()
+  assert env.matmul_gflops_jax > 0 and env.matmul_gflops_blas > 0
+  assert env.matmul_gflops == max(env.matmul_gflops_jax, env.matmul_gflops_blas)
+  text = run_lib._machine(env)
+  assert f'{env.matmul_gflops_blas:.1f} GFLOP/s' in text and "XLA's GEMM" in text
+
 def test_table_formats_floats():
   text = common.table(['a', 'b'], [['x', 1.23456], [2, 'y']])
   assert text.splitlines() == ['| a | b |', '|---|---|', '| x | 1.235 |', '| 2 | y |']

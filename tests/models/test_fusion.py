@@ -1,5 +1,7 @@
 """The sign encoder (skeleton + visual fusion) and the projector: shapes, masks, ablations."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,24 @@ def test_config_validation():
   assert config.downsample == 4
   # visual_only downsamples by the visual strides alone.
   assert SignEncoderConfig.tiny(DV, visual_only=True, visual_strides=(2,)).downsample == 2
+
+
+@pytest.mark.parametrize('mode', ['gated_sum', 'cross_attention'])
+def test_visual_drop_uses_the_skeleton_alone_in_training_only(mode, batch):
+  """Rows 0 and 2 differ only in their visual features: when the visual stream is dropped their
+  sign tokens agree; in evaluation visual_drop changes nothing."""
+  plain = SignEncoderConfig.tiny(DV, mode=mode, dropout=0.0)
+  plain = dataclasses.replace(plain, skeleton=dataclasses.replace(plain.skeleton, dropout=0.0))
+  params = numpy_params(SignEncoder(plain), batch)
+  apply = lambda config, rng=None: np.asarray(SignEncoder(config).apply(
+      {'params': params}, batch, deterministic=rng is None,
+      rngs=None if rng is None else {'dropout': rng})[0])
+  nearly_always = plain.with_fusion(visual_drop=0.999)
+  x = apply(nearly_always, jax.random.key(0))
+  np.testing.assert_allclose(x[2], x[0], atol=1e-6)
+  assert np.abs(x[3] - x[0]).max() > 1e-3  # the skeleton stream still counts
+  x = apply(plain.with_fusion(visual_drop=0.0), jax.random.key(0))
+  assert np.abs(x[2] - x[0]).max() > 1e-3
+  np.testing.assert_array_equal(apply(nearly_always), apply(plain))
+  with pytest.raises(ValueError, match='visual_drop'):
+    FusionConfig(visual_drop=1.0)
