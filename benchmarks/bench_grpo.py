@@ -199,7 +199,7 @@ def run_ours(model_dir: str, task: Task, steps: int, *, share_prefix: bool = Tru
     start = time.perf_counter()
     state, metrics = trainer.step(state, batch, jax.random.key(i))
     out['times'].append(time.perf_counter() - start)
-    out['rewards'].append(metrics['reward_mean'])
+    out['rewards'].append(metrics['reward_total_mean'])
     out['lengths'].append(metrics['completion_length_mean'])
     out['sampling'].append(metrics['time_sampling'])
     out['reward_time'].append(metrics['time_reward'])

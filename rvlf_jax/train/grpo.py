@@ -67,6 +67,28 @@ class GRPOConfig:
   lang: str = 'en'
 
 
+def reward_report(scored_bg: dict[str, np.ndarray], lengths_bg: np.ndarray) -> dict[str, float]:
+  """The logged statistics of a step's completions.
+
+  Args:
+    scored_bg: reward name -> float[B, G] per completion, 'total' the weighted sum.
+    lengths_bg: int[B, G] completion lengths.
+
+  Returns:
+    'reward_<name>_mean' per reward (and for 'total'), std / min / max of the total, the
+    fraction of groups whose totals are all equal (no advantage), completion length mean / max.
+  """
+  total = np.asarray(scored_bg['total'], np.float32)
+  report = {f'reward_{k}_mean': float(np.mean(v)) for k, v in scored_bg.items()}
+  report.update(
+      reward_std=float(total.std()), reward_min=float(total.min()),
+      reward_max=float(total.max()),
+      zero_std_fraction=float(advantages_lib.zero_std_fraction(jnp.asarray(total))),
+      completion_length_mean=float(lengths_bg.mean()),
+      completion_length_max=int(lengths_bg.max()))
+  return report
+
+
 def trained_mask(params: Any) -> Any:
   """GRPO trains the decoder's LoRA adapters only."""
   return params_lib.mask_from(
@@ -255,13 +277,7 @@ class GRPOTrainer:
                                     for k, v in scored.items()}))
     real = gathered.pop('real')
     lengths = gathered.pop('lengths')[real]
-    report = {f'reward_{k}_mean': float(np.mean(v[real])) for k, v in gathered.items()}
-    real_rewards = gathered['total'][real]
-    report.update(
-        reward_std=float(real_rewards.std()), reward_min=float(real_rewards.min()),
-        reward_max=float(real_rewards.max()),
-        zero_std_fraction=float(advantages_lib.zero_std_fraction(jnp.asarray(real_rewards))),
-        completion_length_mean=float(lengths.mean()), completion_length_max=int(lengths.max()))
+    report = reward_report({k: v[real] for k, v in gathered.items()}, lengths)
     return state, {**{k: float(v) for k, v in metrics.items()}, **report, **timings}
 
   def _gather(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

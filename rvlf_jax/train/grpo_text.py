@@ -216,9 +216,9 @@ class TextGRPOTrainer:
       rng: the sampling key.
 
     Returns:
-      (state, metrics): the loss terms, reward statistics over the B x G completions
-      ('reward_mean', 'reward_<name>_mean', 'reward_std', ...), completion lengths and the
-      seconds spent sampling, scoring and updating.
+      (state, metrics): the loss terms, the statistics of the B x G completions
+      (`train.grpo.reward_report`: 'reward_total_mean', 'reward_<name>_mean', 'reward_std',
+      completion lengths, ...) and the seconds spent sampling, scoring and updating.
     """
     cfg, g = self.config, self.config.group_size
     timings = {}
@@ -248,11 +248,7 @@ class TextGRPOTrainer:
     metrics = jax.device_get(metrics)
     timings['time_update'] = time.perf_counter() - start
 
-    lengths = np.asarray(out['lengths'])
-    report = {f'reward_{k}_mean': float(np.mean(v)) for k, v in scored.items() if k != 'total'}
-    report.update(
-        reward_mean=float(rewards_bg.mean()), reward_std=float(rewards_bg.std()),
-        reward_min=float(rewards_bg.min()), reward_max=float(rewards_bg.max()),
-        zero_std_fraction=float(advantages_lib.zero_std_fraction(jnp.asarray(rewards_bg))),
-        completion_length_mean=float(lengths.mean()), completion_length_max=int(lengths.max()))
+    report = grpo.reward_report(
+        {k: np.asarray(v, np.float32).reshape(b, g) for k, v in scored.items()},
+        np.asarray(out['lengths']))
     return state, {**{k: float(v) for k, v in metrics.items()}, **report, **timings}

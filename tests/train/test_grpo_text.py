@@ -86,7 +86,7 @@ def test_one_step_trains_the_policy_not_the_reference(setup):
   for i in range(2):
     state, metrics = trainer.step(state, batch, jax.random.key(10 + i))
     assert np.isfinite(metrics['loss'])
-    assert 0.0 <= metrics['reward_mean'] <= 1.0 and 'reward_bleu_mean' in metrics
+    assert 0.0 <= metrics['reward_total_mean'] <= 1.0 and 'reward_bleu_mean' in metrics
     assert 1 <= metrics['completion_length_mean'] <= 6
   assert int(state.step) == 2
   changed = jax.tree.map(lambda a, b: not np.allclose(a, b), before, jax.device_get(state.params))
