@@ -293,19 +293,21 @@ def key_mask(kv_mask_bs: Array, num_queries: int) -> Array:
 
 
 class MultiHeadAttention(nn.Module):
-  """Bidirectional attention of x (queries) over ctx (keys/values), both rotated by RoPE."""
+  """Bidirectional attention of x (queries) over ctx (keys/values) into [B, T, D], both rotated
+  by RoPE, or carrying no positions at all (sets of tokens, e.g. a class's attribute texts)."""
 
   config: EncoderConfig
 
   @nn.compact
-  def __call__(self, x_btd: Array, ctx_bsd: Array, q_rope: tuple[Array, Array],
-               k_rope: tuple[Array, Array], mask_b1ts: Array) -> Array:
+  def __call__(self, x_btd: Array, ctx_bsd: Array, q_rope: tuple[Array, Array] | None,
+               k_rope: tuple[Array, Array] | None, mask_b1ts: Array) -> Array:
     """Attends.
 
     Args:
-      x_btd: normalised queries' input.
+      x_btd: normalised queries' input (any width; the output has D = config.d_model).
       ctx_bsd: normalised keys' and values' input (x itself for self-attention).
-      q_rope, k_rope: (sin, cos) float32[B, T or S, H] of the query / key positions.
+      q_rope, k_rope: (sin, cos) float32[B, T or S, H] of the query / key positions, or both
+        None for attention without positions.
       mask_b1ts: key visible to query.
 
     Returns:
@@ -313,14 +315,17 @@ class MultiHeadAttention(nn.Module):
     """
     cfg = self.config
     d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
+    if (q_rope is None) != (k_rope is None):
+      raise ValueError('q_rope and k_rope must be both given or both None.')
     linear = lambda name, i, o, axes: layers.Linear(
         i, o, axes, dtype=layers.dtype_of(cfg.dtype),
         param_dtype=layers.dtype_of(cfg.param_dtype), name=name)
-    q = linear('q_proj', (d,), (n, h), ('embed', 'heads', 'head_dim'))(x_btd)
+    q = linear('q_proj', (x_btd.shape[-1],), (n, h), ('embed', 'heads', 'head_dim'))(x_btd)
     k = linear('k_proj', (ctx_bsd.shape[-1],), (n, h), ('embed', 'heads', 'head_dim'))(ctx_bsd)
     v = linear('v_proj', (ctx_bsd.shape[-1],), (n, h), ('embed', 'heads', 'head_dim'))(ctx_bsd)
-    q = layers.apply_rope(q, *q_rope)
-    k = layers.apply_rope(k, *k_rope)
+    if q_rope is not None:
+      q = layers.apply_rope(q, *q_rope)
+      k = layers.apply_rope(k, *k_rope)
     out_btnh = attention.attend(q, k, v, mask_b1ts, scale=h**-0.5)
     return linear('o_proj', (n, h), (d,), ('heads', 'head_dim', 'embed'))(out_btnh)
 
