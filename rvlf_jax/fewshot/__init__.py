@@ -1,2 +1,2 @@
-"""Few-shot sign recognition with DVLA-RL: episodes, prototypes, RL-gated attention (RLA), gate
-policies and the joint supervised + REINFORCE objective."""
+"""Few-shot sign recognition with DVLA-RL: episodes, prototypes and the joint supervised +
+REINFORCE objective (the RL-gated attention and its gates: `rvlf_jax.models.rla`, `.gates`)."""

@@ -48,8 +48,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rvlf_jax.fewshot import policy as policy_lib
-from rvlf_jax.fewshot import protonet, rla
+from rvlf_jax.fewshot import protonet
+from rvlf_jax.models import gates as policy_lib
+from rvlf_jax.models import rla
+from rvlf_jax.rl.reinforce import ema_baseline, reinforce_loss
 
 Array = jax.Array
 Embed = Callable[[Any, Any, Array | None], tuple[Array, list[dict[str, Array]]]]
@@ -122,27 +124,6 @@ def module_embed(model: nn.Module) -> Embed:
     return emb, rla.gate_records(collections)
 
   return embed
-
-
-def ema_baseline(baseline: Array, reward: Array, decay: float = 0.9) -> Array:
-  """decay * baseline + (1 - decay) * reward: the new baseline (elementwise, e.g. float32[L] for
-  the mean reward of each layer)."""
-  return decay * baseline + (1.0 - decay) * reward.astype(jnp.float32)
-
-
-def reinforce_loss(log_prob_g: Array, entropy_g: Array, reward_g: Array, baseline: Array,
-                   entropy_coef: float = 0.2) -> Array:
-  """mean_G[-(r - b) log pi(a) - entropy_coef * H(pi)], the advantage held constant.
-
-  Args:
-    log_prob_g: float[G] log-probability of the drawn actions (differentiable in the policy).
-    entropy_g: float[G] policy entropy (differentiable in the policy).
-    reward_g: float[G] rewards.
-    baseline: float[] (or float[G]) the reward baseline.
-    entropy_coef: weight of the entropy bonus.
-  """
-  advantage = jax.lax.stop_gradient(reward_g.astype(jnp.float32) - baseline)
-  return jnp.mean(-advantage * log_prob_g - entropy_coef * entropy_g)
 
 
 def gate_reward(projected_br: Array, target_br: Array, accuracy: Array, prev_accuracy: Array,

@@ -8,7 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from rvlf_jax.fewshot import policy, rla, train
+from rvlf_jax.fewshot import train
+from rvlf_jax.models import gates as policy
+from rvlf_jax.models import rla
+from rvlf_jax.rl import reinforce
 from tests import helpers
 
 F, D, T, M = 6, 8, 4, 3
@@ -54,13 +57,13 @@ def _task(seed=0):
 def test_reinforce_loss_baseline_and_reward_values():
   lp = jnp.asarray([-1.0, -2.0])
   ent = jnp.asarray([0.5, 0.3])
-  loss = train.reinforce_loss(lp, ent, jnp.asarray([1.0, 0.0]), jnp.float32(0.25), 0.2)
+  loss = reinforce.reinforce_loss(lp, ent, jnp.asarray([1.0, 0.0]), jnp.float32(0.25), 0.2)
   # mean(-(0.75)(-1) - 0.1, -(-0.25)(-2) - 0.06) = mean(0.65, -0.56)
   assert float(loss) == pytest.approx((0.65 - 0.56) / 2)
   # The advantage is a constant: the gradient is -(r - b) d log pi only.
-  grad = jax.grad(lambda lp: train.reinforce_loss(lp, ent, jnp.asarray([1.0, 0.0]), 0.25))(lp)
+  grad = jax.grad(lambda lp: reinforce.reinforce_loss(lp, ent, jnp.asarray([1.0, 0.0]), 0.25))(lp)
   np.testing.assert_allclose(grad, [-0.75 / 2, 0.25 / 2])
-  np.testing.assert_allclose(train.ema_baseline(jnp.asarray([0.0, 1.0]), jnp.asarray([1.0, 1.0]),
+  np.testing.assert_allclose(reinforce.ema_baseline(jnp.asarray([0.0, 1.0]), jnp.asarray([1.0, 1.0]),
                                                 0.9), [0.1, 1.0], rtol=1e-6)
   projected = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
   target = jnp.asarray([[3.0, 0.0], [1.0, 0.0]])

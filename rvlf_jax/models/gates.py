@@ -1,4 +1,5 @@
-"""The gate policy of RLA blocks: state -> MLP -> a distribution over the gate a in [0, 1].
+"""The gate policy of RLA blocks (`rvlf_jax.models.rla`): state -> MLP -> a distribution over
+the gate a in [0, 1].
 
 Shape vocabulary: B batch (examples), G gates drawn at once (B per example, or 1 per episode),
 T visual tokens, M text tokens, D model dim, O policy outputs.

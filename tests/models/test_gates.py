@@ -7,7 +7,8 @@ import optax
 import pytest
 from scipy import stats
 
-from rvlf_jax.fewshot import policy, train
+from rvlf_jax.models import gates as policy
+from rvlf_jax.rl import reinforce
 from tests import helpers
 
 
@@ -90,7 +91,7 @@ def _bandit_run(gate, reward_fn, steps=150, group=32):
     out = net.apply({'params': params}, state_gs)
     action = jax.lax.stop_gradient(gate.sample(rng, out))
     reward = reward_fn(gate.gate(action))
-    loss = train.reinforce_loss(gate.log_prob(out, action), gate.entropy(out), reward, baseline)
+    loss = reinforce.reinforce_loss(gate.log_prob(out, action), gate.entropy(out), reward, baseline)
     return loss, reward.mean()
 
   @helpers.fast_jit
@@ -100,7 +101,7 @@ def _bandit_run(gate, reward_fn, steps=150, group=32):
       grads, reward = jax.grad(loss_fn, has_aux=True)(params, rng, baseline)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
-      return (params, opt_state, train.ema_baseline(baseline, reward)), reward
+      return (params, opt_state, reinforce.ema_baseline(baseline, reward)), reward
 
     (params, _, _), rewards = jax.lax.scan(body, (params, tx.init(params), jnp.float32(0.5)),
                                            jax.random.split(rng, steps))

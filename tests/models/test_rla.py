@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rvlf_jax.fewshot import policy, rla
+from rvlf_jax.models import gates as policy
+from rvlf_jax.models import rla
 from rvlf_jax.models import layers
 from rvlf_jax.models import skeleton as skel
 from tests import helpers

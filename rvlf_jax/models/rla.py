@@ -15,7 +15,7 @@ does for one block); the block returns it for that and for the reward.
 `StreamRLA` is the text-free variant for fusing two streams (SLT: skeleton and video):
   x' = x + a * Attn(q = x, kv = y) + (1 - a) * Attn(q = x, kv = x).
 
-`GatedRLA` wires a gate policy (`rvlf_jax.fewshot.policy`) to an `RLABlock`: it builds the policy
+`GatedRLA` wires a gate policy (`rvlf_jax.models.gates`) to an `RLABlock`: it builds the policy
 state from the block's inputs, draws a (or takes the policy's mode, or a fixed value), feeds
 stop_gradient(a) to the block, and sows one record per call into the 'gates' collection for the
 REINFORCE objective of `rvlf_jax.fewshot.train`.
@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rvlf_jax.fewshot import policy as policy_lib
+from rvlf_jax.models import gates as policy_lib
 from rvlf_jax.models import layers
 from rvlf_jax.models import skeleton as skel
 
