@@ -152,10 +152,11 @@ class Featurizer:
     text = example.get('text', '')
     if self.tokenizer is not None and not str(text).strip():
       raise ValueError(f'{example_id}: empty translation.')
-    if self.joints is not None:
-      kp, scores = kp[:, list(self.joints)], scores[:, list(self.joints)]
+    # Normalisation reads the body joints of the full layout, so it comes before the subset.
     if self.normalize is not None:
       kp, scores = self.normalize(kp, scores)
+    if self.joints is not None:
+      kp, scores = kp[:, list(self.joints)], scores[:, list(self.joints)]
     out = {'id': example_id, 'keypoints': np.concatenate([kp, scores[..., None]], axis=-1),
            'truncated': False}
     t = kp.shape[0]

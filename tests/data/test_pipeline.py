@@ -328,3 +328,12 @@ def test_annotation_clips_skip_missing_videos(tmp_path):
   assert report.total == 1 and 'gone.mp4' in report.summary()
   with pytest.raises(ValueError, match='gone.mp4'):
     [load() for _, load in pipeline.annotation_clips(records, strict=True)]
+
+
+def test_joint_subset_after_normalisation():
+  """Normalisation reads body joints of the 133-point layout, so a subset is taken after it."""
+  sub = keypoints.SUBSETS['cosign77'].indices
+  full = featurizer(normalize=keypoints.Normalizer())
+  reduced = featurizer(normalize=keypoints.Normalizer(), joints=tuple(sub))
+  ex = FakeDataset(3).example('train', 2)
+  np.testing.assert_array_equal(reduced(ex)['keypoints'], full(ex)['keypoints'][:, list(sub)])
