@@ -5,9 +5,11 @@
   python -m launch.train --config=configs/synthsign.py:skeleton_only --workdir=/tmp/rvlf-sk
 
 The argument after ':' is a comma-separated list of variants: an ablation of the sign encoder,
-'fused' (default), 'skeleton_only' or 'visual_only'; and 'tiny', a run of a few minutes on the
-tiny SynthSign with tiny models (for a first look, the notebook and the tests), e.g.
-`configs/synthsign.py:skeleton_only,tiny`.
+'fused' (default, gated-sum fusion), 'skeleton_only', 'visual_only' or 'rla' (both streams fused
+by RL-gated attention: model.fusion.mode 'rla', its gates trained by REINFORCE in stages 1 and 2,
+e.g. `--config=configs/synthsign.py:rla --stage=represent,sft`); and 'tiny', a run of a few
+minutes on the tiny SynthSign with tiny models (for a first look, the notebook and the tests),
+e.g. `configs/synthsign.py:skeleton_only,tiny`.
 
 There are no pretrained weights on the development machine, so the run builds what a real run
 downloads: the SynthSign data (generated into WORKDIR/data unless data.root names a cache), a
@@ -18,7 +20,7 @@ would be), and the frame features of a frozen, randomly initialised small DINOv2
 
 import ml_collections
 
-ABLATIONS = ('fused', 'skeleton_only', 'visual_only')
+ABLATIONS = ('fused', 'skeleton_only', 'visual_only', 'rla')
 VARIANTS = ABLATIONS + ('tiny',)
 
 
@@ -92,9 +94,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       part_dim=32, d_model=128, num_layers=2, num_heads=4, mlp_dim=256, dropout=0.1,
       temporal_kernel=5, temporal_strides=(2, 2), dtype='float32'))
   c.model.fusion = ml_collections.ConfigDict(dict(
-      mode='gated_sum', skeleton_only=ablation == 'skeleton_only',
+      mode='rla' if ablation == 'rla' else 'gated_sum', skeleton_only=ablation == 'skeleton_only',
       visual_only=ablation == 'visual_only', d_model=128, visual_kernel=5, num_layers=0,
-      num_heads=4, mlp_dim=256, dropout=0.1, visual_drop=0.0, dtype='float32'))
+      num_heads=4, mlp_dim=256, dropout=0.1, visual_drop=0.0, dtype='float32',
+      # Mode 'rla' only: RLA layers (one gate policy each), the gate distribution (beta |
+      # categorical), the Beta's concentration, and a constant gate instead of the policies.
+      rla_layers=2, gate_kind='beta', gate_concentration=10.0,
+      gate_fixed=ml_collections.config_dict.placeholder(float)))
   c.model.decoder = ml_collections.ConfigDict(dict(
       hf_path='',            # an HF decoder folder; '' pretrains the small decoder below on text
       preset='',             # or a DecoderConfig preset (qwen3_8b, ...): sizes, random weights

@@ -20,8 +20,22 @@ import jax  # pylint: disable=g-import-not-at-top  (after the environment above)
 # A persistent compilation cache for the session: many tests compile the same programs (the
 # recipe's steps in several workdirs, the same tiny models in several files), and XLA CPU
 # compiles take seconds each; a hit takes ~0.1 s. Fresh per session, so no stale executables.
-_CACHE = tempfile.mkdtemp(prefix='rvlf-jax-cache-')
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Under pytest-xdist (`-n 2`) the workers of one run share it: it is named by the controller's
+# process id (the workers' parent), and the controller, which outlives them, removes it.
+_SHARED = os.path.join(tempfile.gettempdir(), 'rvlf-jax-cache-{}')
+if os.environ.get('PYTEST_XDIST_WORKER'):
+  _CACHE = _SHARED.format(os.getppid())
+  os.makedirs(_CACHE, exist_ok=True)
+else:
+  _CACHE = tempfile.mkdtemp(prefix='rvlf-jax-cache-')
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_sessionfinish(session):
+  """The controller of an xdist run removes its workers' shared compilation cache."""
+  del session
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    shutil.rmtree(_SHARED.format(os.getpid()), ignore_errors=True)

@@ -10,6 +10,15 @@ they stay aligned step for step: token t' of either stream summarises frames
 composes exactly across stages, so both streams get the same token mask. At 4x, a 10 s clip at
 12-25 fps (120-250 frames) becomes 30-63 tokens.
 
+Mode 'rla' (RL-gated attention, `rvlf_jax.models.rla.StreamRLA`) stacks `rla_layers` layers of
+  x' = x + a * Attn(x -> v) + (1 - a) * Attn(x -> x),   then x' + MLP(norm(x')),
+starting from the skeleton tokens x = s, with one gate a in [0, 1] per example and layer drawn
+by a policy (`rvlf_jax.models.gates`) over the stop-gradient pooled streams. With a 'gate' rng
+the gate is sampled, otherwise it is the policy's mode; every layer sows a record {'gate',
+'log_prob', 'entropy'} (float32[B]) into the 'gates' collection for the REINFORCE objective of
+the training steps (`rvlf_jax.train.sft`). The task loss never trains the policy (its state and
+the gate are stop-gradients).
+
 Ablations: `skeleton_only` never reads the batch's 'visual' (it may be absent) and creates no
 visual parameters; `visual_only` never reads 'keypoints' and creates no skeleton parameters.
 """
@@ -24,12 +33,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rvlf_jax.models import gates as policy_lib
 from rvlf_jax.models import layers
+from rvlf_jax.models import rla
 from rvlf_jax.models import skeleton as skel
 from rvlf_jax.models.skeleton import SkeletonConfig
 
 Array = jax.Array
-MODES = ('gated_sum', 'cross_attention', 'concat')
+MODES = ('gated_sum', 'cross_attention', 'concat', 'rla')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +49,8 @@ class FusionConfig:
 
   Attributes:
     mode: 'gated_sum' (g * skeleton + (1 - g) * visual, g = sigmoid(W [s; v] + b) per channel),
-      'cross_attention' (skeleton tokens attend to visual tokens, residual + MLP) or 'concat'
-      (W [s; v] + b).
+      'cross_attention' (skeleton tokens attend to visual tokens, residual + MLP), 'concat'
+      (W [s; v] + b) or 'rla' (RL-gated attention, see the module docstring).
     skeleton_only: use the keypoints alone (ablation); mode is then unused.
     visual_only: use the visual features alone (ablation); mode is then unused.
     visual_dim: Dv of the batch's 'visual' features (e.g. 768 for a DINOv2-base CLS token).
@@ -54,6 +65,10 @@ class FusionConfig:
       skeleton stream alone (the visual stream and fusion skipped for it): modality dropout, so
       that the translator does not lean on frame features that identify training clips rather
       than signs. 0 keeps both streams always; unused by the ablations.
+    rla_layers: L, the number of RLA layers of mode 'rla' (one gate each).
+    gate_kind: mode 'rla': the gate distribution, 'beta' or 'categorical' (`gates.GateConfig`).
+    gate_concentration: mode 'rla': k of the Beta gate (larger explores less).
+    gate_fixed: mode 'rla': a constant gate in [0, 1] instead of the policy (ablation), or None.
     rope_theta, norm_eps: as in `skeleton.EncoderConfig`.
     dtype, param_dtype: computation and parameter dtypes (strings).
   """
@@ -70,6 +85,10 @@ class FusionConfig:
   mlp_dim: int = 1024
   dropout: float = 0.1
   visual_drop: float = 0.0
+  rla_layers: int = 2
+  gate_kind: str = 'beta'
+  gate_concentration: float = 10.0
+  gate_fixed: float | None = None
   rope_theta: float = 10_000.0
   norm_eps: float = 1e-6
   dtype: str = 'float32'
@@ -84,6 +103,9 @@ class FusionConfig:
       raise ValueError(f'visual_strides must be positive, got {self.visual_strides}.')
     if not 0.0 <= self.visual_drop < 1.0:
       raise ValueError(f'visual_drop must be in [0, 1), got {self.visual_drop}.')
+    if self.rla_layers < 1:
+      raise ValueError(f'rla_layers must be at least 1, got {self.rla_layers}.')
+    _ = self.gate  # Validates the gate fields.
     _ = self.encoder  # Validates heads and dropout.
 
   @property
@@ -93,6 +115,17 @@ class FusionConfig:
   @property
   def uses_visual(self) -> bool:
     return not self.skeleton_only
+
+  @property
+  def uses_rla(self) -> bool:
+    """Mode 'rla' with both streams: the encoder has gate policies and sows gate records."""
+    return self.mode == 'rla' and self.uses_skeleton and self.uses_visual
+
+  @property
+  def gate(self) -> policy_lib.GateConfig:
+    """The RLA layers' gate: one per example (scope 'example')."""
+    return policy_lib.GateConfig(kind=self.gate_kind, concentration=self.gate_concentration,
+                                 scope='example', fixed=self.gate_fixed)
 
   @property
   def encoder(self) -> skel.EncoderConfig:
@@ -249,6 +282,18 @@ class SignEncoder(nn.Module):
       x = layers.Linear((2, fcfg.d_model), (fcfg.d_model,), (None, 'mlp', 'embed'),
                         use_bias=True, dtype=dtype, param_dtype=param_dtype,
                         name='merge')(jnp.stack([s, drop(v)], axis=-2))
+    elif fcfg.mode == 'rla':
+      x = s
+      for i in range(fcfg.rla_layers):
+        gate_b, log_prob_b, entropy_b = _draw_gate(self, fcfg.gate, x, v, mask, f'rla_policy_{i}')
+        x = rla.StreamRLA(fcfg.num_heads, fcfg.norm_eps, fcfg.dtype, fcfg.param_dtype,
+                          name=f'rla_{i}')(x, drop(v), jax.lax.stop_gradient(gate_b), mask, mask)
+        h = layers.GatedMLP(fcfg.d_model, fcfg.mlp_dim, 'silu', dtype=dtype,
+                            param_dtype=param_dtype, name=f'rla_mlp_{i}')(
+                                norm(f'rla_mlp_norm_{i}')(x))
+        x = x + drop(h)
+        self.sow('gates', 'record', {'gate': gate_b, 'log_prob': log_prob_b,
+                                     'entropy': entropy_b})
     else:  # cross_attention
       enc = fcfg.encoder
       rope = skel.rope_tables(enc, mask)
@@ -266,6 +311,25 @@ class SignEncoder(nn.Module):
     x = skel.TransformerEncoder(fcfg.encoder, name='encoder')(x, mask, deterministic)
     x = norm('output_norm')(x)
     return skel.mask_features(x, mask), mask
+
+
+def _draw_gate(module: nn.Module, gate: policy_lib.GateConfig, x_btd: Array, v_btd: Array,
+               mask_bt: Array, name: str) -> tuple[Array, Array, Array]:
+  """(gate, log_prob, entropy) float32[B] of one RLA layer of `module` (scope 'example').
+
+  The policy `name` reads the stop-gradient state [GAP(x); GAP(v); cos]; with a 'gate' rng the
+  gate is sampled (log_prob of the stop-gradient action), without one it is the policy's mode
+  (log_prob 0); a fixed gate gives zero log_prob and entropy and creates no policy.
+  """
+  b = x_btd.shape[0]
+  if gate.fixed is not None:
+    zeros = jnp.zeros((b,), jnp.float32)
+    return jnp.full((b,), gate.fixed, jnp.float32), zeros, zeros
+  state_bs = policy_lib.policy_state(
+      policy_lib.masked_mean(jax.lax.stop_gradient(x_btd), mask_bt),
+      policy_lib.masked_mean(jax.lax.stop_gradient(v_btd), mask_bt))
+  # Created in the parent's scope (compact), so its parameters sit at sign_encoder/`name`.
+  return policy_lib.draw_gate(module, gate, state_bs, name)
 
 
 class Projector(nn.Module):

@@ -91,6 +91,24 @@ class GatePolicy(nn.Module):
                          kernel_init=nn.initializers.zeros_init(), name='out')(x)
 
 
+def draw_gate(module: nn.Module, config: 'GateConfig', state_gs: Array,
+              name: str) -> tuple[Array, Array, Array]:
+  """(gate, log_prob, entropy) float32[G] of the policy `name`, created in `module`'s scope.
+
+  With a 'gate' rng in `module` the action is sampled (its log-probability differentiable in the
+  policy, the action itself not); without one the gate is the policy's mode and log_prob is 0.
+  The caller passes a stop-gradient state, so the policy never trains the encoder.
+  """
+  dist = config.distribution
+  out_go = GatePolicy(dist.num_outputs, config.hidden, parent=module, name=name)(state_gs)
+  entropy_g = dist.entropy(out_go)
+  if not module.has_rng('gate'):
+    return dist.mode(out_go), jnp.zeros_like(entropy_g), entropy_g
+  action_g = jax.lax.stop_gradient(dist.sample(module.make_rng('gate'),
+                                               jax.lax.stop_gradient(out_go)))
+  return dist.gate(action_g), dist.log_prob(out_go, action_g), entropy_g
+
+
 def beta_log_prob(a: Array, alpha: Array, beta: Array) -> Array:
   """log Beta(a; alpha, beta) = (alpha - 1) log a + (beta - 1) log(1 - a) - log B(alpha, beta)."""
   return ((alpha - 1.0) * jnp.log(a) + (beta - 1.0) * jnp.log1p(-a) -

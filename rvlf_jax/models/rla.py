@@ -194,20 +194,13 @@ class GatedRLA(nn.Module):
   def _policy_gate(self, visual_btd, text_bmd, visual_mask_bt, text_mask_bm):
     """(gate, log_prob, entropy) float32[G] from the policy on the stop-gradient state."""
     cfg = self.gate
-    dist = cfg.distribution
     visual_gap = policy_lib.masked_mean(jax.lax.stop_gradient(visual_btd), visual_mask_bt)
     text_gap = policy_lib.masked_mean(jax.lax.stop_gradient(text_bmd), text_mask_bm)
     if cfg.scope == 'episode':
       visual_gap = visual_gap.mean(axis=0, keepdims=True)
       text_gap = text_gap.mean(axis=0, keepdims=True)
-    out_go = policy_lib.GatePolicy(dist.num_outputs, cfg.hidden, name='policy')(
-        policy_lib.policy_state(visual_gap, text_gap))
-    entropy_g = dist.entropy(out_go)
-    if not self.has_rng('gate'):
-      return dist.mode(out_go), jnp.zeros_like(entropy_g), entropy_g
-    action_g = jax.lax.stop_gradient(dist.sample(self.make_rng('gate'),
-                                                 jax.lax.stop_gradient(out_go)))
-    return dist.gate(action_g), dist.log_prob(out_go, action_g), entropy_g
+    return policy_lib.draw_gate(self, cfg, policy_lib.policy_state(visual_gap, text_gap),
+                                'policy')
 
 
 def gate_records(collections: Any) -> list[dict[str, Array]]:

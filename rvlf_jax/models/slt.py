@@ -40,6 +40,7 @@ import optax
 
 from rvlf_jax.models import decoder as dec
 from rvlf_jax.models import layers
+from rvlf_jax.models import rla
 from rvlf_jax.models import skeleton as skel
 from rvlf_jax.models.decoder import Decoder, DecoderConfig
 from rvlf_jax.models.fusion import Projector, SignEncoder, SignEncoderConfig
@@ -128,6 +129,30 @@ def decode_targets(llm: Decoder, prefix_btd: Array, prefix_valid_bt: Array, text
   last = jnp.argmax(positions[:, :p], axis=1)  # last valid prefix slot (valid ones count up)
   first = hidden[jnp.arange(b), last][:, None]
   return llm.logits(jnp.concatenate([first, hidden[:, p:]], axis=1))
+
+
+# Metrics key of the RLA gate records (a list of {'gate', 'log_prob', 'entropy'} float32[B], one
+# per layer, in call order) that a training step pops for its REINFORCE term (`train.sft`).
+GATE_RECORDS = '_gate_records'
+
+
+def _apply_train(model: nn.Module, sign: SignEncoderConfig, params: Any, rng: Array | None,
+                 *args) -> tuple[Any, list[dict[str, Array]] | None]:
+  """model.apply on params: (output, gate records or None).
+
+  Without rng: deterministic, no records. With rng: dropout, and when the sign encoder has RLA
+  gates (`FusionConfig.uses_rla`) also a 'gate' rng split from it and the sown records.
+  """
+  variables = {'params': params}
+  if rng is None:
+    return model.apply(variables, *args, deterministic=True, rngs={}), None
+  if not sign.fusion.uses_rla:
+    return model.apply(variables, *args, deterministic=False, rngs={'dropout': rng}), None
+  dropout_rng, gate_rng = jax.random.split(rng)
+  out, collections = model.apply(variables, *args, deterministic=False,
+                                 rngs={'dropout': dropout_rng, 'gate': gate_rng},
+                                 mutable=['gates'])
+  return out, rla.gate_records(collections)
 
 
 # -- Stage 2/3: the translator -------------------------------------------------------------------
@@ -230,12 +255,16 @@ class SLTModel(nn.Module):
       rng: dropout key; None runs deterministically.
 
     Returns:
-      (loss, {'loss', 'accuracy', 'num_tokens'}).
+      (loss, {'loss', 'accuracy', 'num_tokens'}), plus GATE_RECORDS when the sign encoder has
+      RLA gates and rng is given (`_apply_train`).
     """
-    rngs = {} if rng is None else {'dropout': rng}
-    logits = self.apply({'params': params}, batch, prompt.before, prompt.after,
-                        deterministic=rng is None, rngs=rngs)
-    return token_cross_entropy(logits, jnp.asarray(batch['text_ids']), target_weights(batch))
+    logits, records = _apply_train(self, self.config.sign, params, rng, batch, prompt.before,
+                                   prompt.after)
+    loss, metrics = token_cross_entropy(logits, jnp.asarray(batch['text_ids']),
+                                        target_weights(batch))
+    if records is not None:
+      metrics[GATE_RECORDS] = records
+    return loss, metrics
 
   @nn.nowrap
   def prefill(self, params: Any, batch: Batch, prompt: Prompt) -> tuple[Array, Array]:
@@ -485,11 +514,11 @@ class SignTextAligner(nn.Module):
 
     Returns:
       (loss, {'loss', 'contrastive_loss', 'caption_loss', 'caption_accuracy', 'v2t_accuracy',
-      't2v_accuracy', 'temperature'}).
+      't2v_accuracy', 'temperature'}), plus GATE_RECORDS when the sign encoder has RLA gates and
+      rng is given (`_apply_train`).
     """
     cfg = self.config
-    rngs = {} if rng is None else {'dropout': rng}
-    out = self.apply({'params': params}, batch, deterministic=rng is None, rngs=rngs)
+    out, records = _apply_train(self, cfg.sign, params, rng, batch)
     v2t, t2v = filip_similarity(out.sign_emb, out.sign_mask, out.text_emb, out.text_mask)
     valid = out.sign_mask.any(axis=1) & out.text_mask.any(axis=1)
     if 'example_mask' in batch:
@@ -502,6 +531,8 @@ class SignTextAligner(nn.Module):
       loss = loss + cfg.caption_weight * cap
       metrics.update(caption_loss=cap, caption_accuracy=cap_metrics['accuracy'])
     metrics['loss'] = loss
+    if records is not None:
+      metrics[GATE_RECORDS] = records
     return loss, metrics
 
   @nn.nowrap

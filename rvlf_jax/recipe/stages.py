@@ -167,6 +167,12 @@ def require(workdir: str, stage: str, needed_by: str) -> None:
         f'starts from; run --stage={stage} (or --stage=all) in this workdir first.')
 
 
+def _rl_state(sign: slt.SignEncoderConfig) -> Any:
+  """`TrainState.rl` for a sign encoder with RLA gates (their REINFORCE baselines), else None."""
+  fuse = sign.fusion
+  return state_lib.rl_state(fuse.rla_layers) if fuse.uses_rla else None
+
+
 # -- Stage 1 -------------------------------------------------------------------------------------
 
 
@@ -178,7 +184,8 @@ def aligner(ctx: Context) -> slt.SignTextAligner:
 def _represent_setup(ctx: Context):
   model = aligner(ctx)
   tx = optimizers.make_optimizer(build.optimizer_config(ctx.config, 'represent'))
-  make_state = lambda _: state_lib.create(model.init_params(jax.random.key(ctx.seed)), tx)
+  make_state = lambda _: state_lib.create(model.init_params(jax.random.key(ctx.seed)), tx,
+                                          rl=_rl_state(model.config.sign))
   return model, tx, _state_setup(ctx, model.abstract_params(boxed=True), make_state, {})
 
 
@@ -222,7 +229,7 @@ def _sft_setup(ctx: Context, sign_params: Any | None):
     if inputs['sign_encoder'] is not None:
       params['sign_encoder'] = inputs['sign_encoder']
     trained, frozen = params_lib.partition(params, sft.trained_mask(params, lora=lora))
-    return state_lib.create(trained, tx, frozen=frozen)
+    return state_lib.create(trained, tx, frozen=frozen, rl=_rl_state(model.config.sign))
 
   inputs = {'decoder': ctx.decoder[1], 'sign_encoder': sign_params}
   return model, tx, _state_setup(ctx, model.abstract_params(boxed=True), make_state, inputs)

@@ -3,6 +3,8 @@
 The sign encoder learns from a symmetric token-level contrastive loss between sign tokens and
 text tokens plus a captioning loss (sign -> text), as in GFSLT-VLP / RVLF stage 1
 (`slt.SignTextAligner`). Everything is trained; its 'sign_encoder' subtree initialises stage 2.
+With RLA fusion the step adds the gate policies' REINFORCE term, as SFT does
+(`sft.gate_objective`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import optax
 
 from rvlf_jax.models import slt
 from rvlf_jax.train import params as params_lib
+from rvlf_jax.train import sft
 from rvlf_jax.train import state as state_lib
 
 
@@ -24,8 +27,6 @@ def make_step(model: slt.SignTextAligner, tx: optax.GradientTransformation) -> C
     def loss_fn(trained):
       return model.loss(params_lib.merge(trained, state.frozen), batch, rng)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state = state_lib.apply_gradients(state, grads, tx)
-    return state, {**metrics, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    return sft.apply_step(state, loss_fn, tx)  # With the RLA gates' REINFORCE term, if any.
 
   return step

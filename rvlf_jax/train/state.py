@@ -29,15 +29,26 @@ class TrainState:
     opt_state: the optax state of `tx.init(params)` for the stage's transformation.
     frozen: parameters the stage uses but does not train (LoRA's base weights, the reference
       policy); {} when everything is trained.
+    rl: the REINFORCE state of a sign encoder with RLA gates (`rl_state`): {'baseline':
+      float32[L] per-layer reward baselines, 'prev_loss': float32[] the last step's task loss};
+      None (no leaves) for every other model, whose states and checkpoints it leaves unchanged.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   frozen: Any = flax.struct.field(default_factory=dict)
+  rl: Any = None
 
 
-def create(params: Any, tx: optax.GradientTransformation, *, frozen: Any = None) -> TrainState:
+def rl_state(num_layers: int) -> dict[str, jax.Array]:
+  """The initial `TrainState.rl` of a sign encoder with `num_layers` RLA gates."""
+  return {'baseline': jnp.zeros((num_layers,), jnp.float32),
+          'prev_loss': jnp.zeros((), jnp.float32)}
+
+
+def create(params: Any, tx: optax.GradientTransformation, *, frozen: Any = None,
+           rl: Any = None) -> TrainState:
   """A fresh state at step 0 with `tx`'s initial optimizer state for `params`.
 
   Call it inside `jax.jit(..., out_shardings=...)` (or under `jax.eval_shape`) for large models
@@ -47,9 +58,10 @@ def create(params: Any, tx: optax.GradientTransformation, *, frozen: Any = None)
     params: the trained parameters.
     tx: the stage's optimizer.
     frozen: the untrained parameters, if any.
+    rl: the REINFORCE state (`rl_state`) of a model with RLA gates, else None.
   """
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    frozen={} if frozen is None else frozen)
+                    frozen={} if frozen is None else frozen, rl=rl)
 
 
 def apply_gradients(state: TrainState, grads: Any, tx: optax.GradientTransformation

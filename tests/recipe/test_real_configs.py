@@ -382,3 +382,10 @@ def test_unknown_sign_encoder_key_is_named(name):
   config.model.skeleton.part_width = 128
   with pytest.raises(build.ConfigError, match=r'model\.skeleton.*part_width'):
     build.check(config, stages=build.STAGES, num_devices=NUM_DEVICES)
+
+
+def test_rla_ablation_keeps_its_fusion_mode():
+  config = get('phoenix2014t', 'rla')
+  build.check(config, stages=build.STAGES, num_devices=NUM_DEVICES)
+  fuse = build.sign_config(config).fusion
+  assert fuse.mode == 'rla' and fuse.uses_rla
