@@ -104,26 +104,6 @@ class Method:
     return base
 
 
-def _mesh_jit(fn: Callable, mesh, state_sh, batch_sh) -> Callable:
-  rep = sharding.replicated(mesh)
-  jitted = jax.jit(fn, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                   donate_argnums=0)
-
-  def call(*args):
-    with sharding.mesh_context(mesh):
-      return jitted(*args)
-
-  return call
-
-
-def _clip_sharding(num_clips: int, mesh) -> Any:
-  """The clips' sharding: over the data axes when they divide evenly, replicated otherwise."""
-  bs = sharding.batch_sharding(mesh)
-  ways = int(np.prod([mesh.shape[a] for a in (bs.spec[0] if isinstance(bs.spec[0], tuple)
-                                               else (bs.spec[0],)) if a]))
-  return bs if num_clips % ways == 0 else sharding.replicated(mesh)
-
-
 def _init(module: nn.Module, inputs: dict, seed: int, mesh) -> tuple[Any, Any]:
   """(params sharded by their logical axes, the boxed abstract tree)."""
   keys = {'params': jax.random.key(seed), 'gate': jax.random.key(seed + 1)}
@@ -201,8 +181,8 @@ def pretrain(config: model_lib.FewShotModelConfig, pool: Pool, base: np.ndarray,
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), {'loss': loss, 'accuracy': acc}
 
-  clips = _clip_sharding(settings.batch_size, mesh)
-  jitted = _mesh_jit(step, mesh, state_sh, {'inputs': clips, 'labels': clips})
+  clips = sharding.rows_sharding(settings.batch_size, mesh)
+  jitted = sharding.shard_step(step, state_sh, {'inputs': clips, 'labels': clips}, mesh)
   start, order, pos, every = time.time(), rng.permutation(base), 0, max(settings.steps // 10, 1)
   for i in range(settings.steps):
     if pos + settings.batch_size > len(order):
@@ -244,7 +224,7 @@ def episode_batch(pool: Pool, episode: episodes.Episode, semantics: Semantics | 
 
 def _batch_sharding(batch: dict, mesh) -> dict:
   rep = sharding.replicated(mesh)
-  clips = _clip_sharding(batch['inputs']['frame_mask'].shape[0], mesh)
+  clips = sharding.rows_sharding(batch['inputs']['frame_mask'].shape[0], mesh)
   return {'inputs': clips, 'support_labels': rep, 'query_labels': rep, 'class_text': rep}
 
 
@@ -300,8 +280,8 @@ def tune(config: model_lib.FewShotModelConfig, pretrained: Any, pool: Pool, base
   num_layers = len(config.rla_at)
   state = train.create_state(params, tx, num_layers)
   state_sh = sharding.state_shardings(state, boxed, mesh)
-  jitted = _mesh_jit(train.make_step(embed, tx, settings.objective), mesh, state_sh,
-                     _batch_sharding(batch, mesh))
+  jitted = sharding.shard_step(train.make_step(embed, tx, settings.objective), state_sh,
+                               _batch_sharding(batch, mesh), mesh)
   history, start, every = [], time.time(), max(settings.steps // 10, 1)
   for i in range(settings.steps):
     state, metrics = jitted(state, batch, jax.random.key(seed * 1_000_003 + i))
