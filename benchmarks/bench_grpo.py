@@ -406,6 +406,26 @@ def tunix_worker(spec_path: str) -> None:
 # -- The section -----------------------------------------------------------------------------------
 
 
+def peer_limits(floor_s: float, ours_s: float, peers: dict[str, float]) -> str | None:
+  """Why a missed speed-up goal over a peer is out of reach (None when every goal is met).
+
+  A side's speed-up over a peer is the peer's multiple of the floor over its own, so a peer close
+  to the floor caps it: no step at or above the floor beats the peer by more than its multiple.
+  """
+  goals = {'TRL': GOAL_TRL, 'Tunix': GOAL_TUNIX}
+  missed = [(peer, goals[peer], s / floor_s) for peer, s in peers.items()
+            if s / ours_s < goals[peer]]
+  if not missed:
+    return None
+  bounds = '; '.join(
+      f'{peer} ran at {x:.2f}x the floor, so a step at the floor itself would be {x:.2f}x '
+      f'faster (the {goal}x goal needs ours at {x / goal:.2f}x the floor)'
+      for peer, goal, x in missed)
+  return (f'What limits the ratios to the peers: {bounds}. The goals assume the peers at '
+          f'{GOAL_TRL * GOAL_FLOOR:.1f}x (TRL) and {GOAL_TUNIX * GOAL_FLOOR:.1f}x (Tunix) their '
+          'floors, the multiples the issue measured on its reference run.')
+
+
 def _plot(curves: dict[str, list[float]], path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
@@ -545,6 +565,9 @@ def run(env: common.Env, quick: bool) -> common.Section:
       else:
         goals.append(f'vs {peer}: not measured ({peer} failed)')
     lines += ['**Goals:** ' + '; '.join(goals) + '.', '']
+    limits = peer_limits(floor_s, ot.median, {k: timings[k].median for k in ('TRL', 'Tunix')
+                                                if k in timings})
+    lines += [limits, ''] if limits else []
     if x_floor > GOAL_FLOOR:
       worst = max(pieces, key=lambda p: p[1] - (p[2] / peak))
       lines += [f'What limits ours: the piece furthest above its own FLOPs at peak is '

@@ -65,3 +65,11 @@ def test_trl_two_steps(tiny):
   assert len(out['times']) == len(out['rewards']) == 2
   assert all(0 <= r <= 1 for r in out['rewards'])
   assert all(1 <= n <= bench_grpo.NEW_TOKENS for n in out['lengths'])
+
+
+def test_peer_limits_name_the_cap_each_peer_sets():
+  # Floor 10 s, ours 13 s: TRL at 17 s (1.7x its floor) caps the speed-up at 1.7x < 1.6 x 1.3.
+  text = bench_grpo.peer_limits(10.0, 13.0, {'TRL': 17.0, 'Tunix': 40.0})
+  assert 'TRL ran at 1.70x the floor' in text and 'needs ours at 1.06x the floor' in text
+  assert 'Tunix ran' not in text  # 40 / 13 = 3.1x: its goal is met
+  assert bench_grpo.peer_limits(10.0, 13.0, {'TRL': 30.0, 'Tunix': 40.0}) is None

@@ -69,6 +69,11 @@ def test_sampling_run_reports_every_figure(tiny):
   # Every figure is measured; the greedy ones are differences of tiny timings here (any sign).
   assert all(np.isfinite(v) for v in section.figures.values()), section.figures
   assert section.figures['sampling_speedup_vs_hf'] > 0
+  # A missed goal says what caps it: decode steps whose weight matmuls run at the peak.
+  missed = section.figures['sampling_speedup_vs_hf'] < bench_sampling.SAMPLING_GOAL
+  assert ('What limits it' in section.markdown) == missed
+  if missed:
+    assert re.search(r'would take [\d.e+-]+ s, [\d.]+x faster than HF', section.markdown)
 
 
 @pytest.fixture(scope='module')
