@@ -109,7 +109,7 @@ def get_config(arg: str | None, *, name: str, data: dict[str, Any], dinov2: str,
   # image_size is the frame side meant for DINOv2: 224 (16 x 16 patches, the 37 x 37 position
   # grid interpolated); recipe/data.py resizes the frames to it.
   c.visual.update(hf_path='', preset=dinov2, image_size=224, patch_size=14,
-                  feature_keys=('cls', 'mean_patch'), **DINOV2[dinov2])
+                  feature_keys=('cls', 'mean_patch'), loader_processes=0, **DINOV2[dinov2])
 
   # The base sign encoder (SkeletonConfig.base(), SignEncoderConfig.base()), computing in bf16
   # with float32 parameters.

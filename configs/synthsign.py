@@ -85,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_heads=4,
       feature_keys=('cls', 'mean_patch'),
       batch_frames=512,
+      # Processes rendering SynthSign's frames for the cache (0: one thread). The rendering is
+      # numpy that holds the GIL and took most of the cache's time.
+      loader_processes=2,
       cache='',              # '' -> WORKDIR/features
       init_seed=0,           # the random encoder's weights (fixed across the run's seeds)
   ))
@@ -163,7 +166,7 @@ def _tiny(c: ml_collections.ConfigDict) -> None:
   c.data.frame_buckets = (96,)
   c.tokenizer.vocab_size = 200
   c.visual.update(image_size=32, patch_size=8, hidden_size=16, num_layers=1, num_heads=2,
-                  batch_frames=256)
+                  batch_frames=256, loader_processes=0)  # spawning costs more than it renders
   c.model.skeleton.update(part_dim=8, d_model=32, num_layers=1, num_heads=2, mlp_dim=64)
   c.model.fusion.update(d_model=32, num_heads=2, mlp_dim=64)
   c.model.decoder.update(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import tempfile
@@ -154,6 +155,7 @@ def build_feature_cache(
     mesh: jax.sharding.Mesh | None = None,
     num_clips: int | None = None,
     log_every: int = 100,
+    loader_processes: int = 0,
 ) -> 'FeatureCache':
   """Encodes every frame of every clip with a frozen encoder and stores the features.
 
@@ -187,6 +189,9 @@ def build_feature_cache(
       parameters replicated); None runs on the default device.
     num_clips: how many clips `clips` yields, for the ETA (len(clips) if it has one).
     log_every: log progress every this many clips.
+    loader_processes: run the frame loaders in this many spawned worker processes rather than
+      one thread: for loaders that hold the GIL (SynthSign's numpy rendering). They must then
+      be picklable (e.g. a functools.partial of a module-level function). 0: one thread.
 
   Returns:
     The `FeatureCache` of `out_dir`.
@@ -291,7 +296,7 @@ def build_feature_cache(
         continue
       yield index, clip_id, frames
 
-  for index, clip_id, frames in _load_ahead(todo()):
+  for index, clip_id, frames in _load_ahead(todo(), processes=loader_processes):
     if frames is None:
       progress.unread()
       continue
@@ -324,11 +329,21 @@ def build_feature_cache(
   return FeatureCache(out_dir)
 
 
-def _load_ahead(items: Iterator[tuple[int, str, Any]], depth: int = 4):
+def _load_ahead(items: Iterator[tuple[int, str, Any]], depth: int = 4, processes: int = 0):
   """Yields the items with callable frames replaced by their result, computed by one thread
-  up to `depth` clips ahead of the consumer. Loaders that release the GIL (video decoders) run
-  beside the encoder; SynthSign's numpy rendering mostly holds it (measured: no faster)."""
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frames') as pool:
+  (or `processes` spawned processes) up to `depth` clips per worker ahead of the consumer, in
+  order. Loaders that release the GIL (video decoders) run beside the encoder in the thread;
+  SynthSign's numpy rendering mostly holds it, so it needs processes."""
+  if processes < 0:
+    raise ValueError(f'loader_processes must be >= 0, got {processes}.')
+  if processes:
+    # Spawned, not forked: the parent runs JAX's threads.
+    pool_ = concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=multiprocessing.get_context('spawn'))
+    depth *= processes
+  else:
+    pool_ = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frames')
+  with pool_ as pool:
     queue: collections.deque = collections.deque()
     exhausted, error = False, None
     while queue or not exhausted:

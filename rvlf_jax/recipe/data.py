@@ -12,6 +12,7 @@ Each step is skipped when its output is already there, so a resumed run prepares
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -114,12 +115,22 @@ def _synthsign(config: ml_collections.ConfigDict, workdir: str, log: Callable[[s
   def clips():
     for split in SPLITS:
       for i in range(ds.num_examples(split)):
-        # Rendered only when the feature cache lacks the clip.
-        render = lambda split=split, i=i: ds.example(split, i, frames=True)['frames']
-        yield ds.example_id(split, i), render
+        # Rendered only when the feature cache lacks the clip (picklable, for loader processes).
+        yield ds.example_id(split, i), functools.partial(render_frames, root, split, i)
 
   num_clips = sum(ds.num_examples(s) for s in SPLITS)
   return sources, texts, clips, num_clips
+
+
+@functools.lru_cache(maxsize=4)
+def _synthsign_at(root: str) -> SynthSign:
+  return SynthSign.load(root)
+
+
+def render_frames(root: str, split: str, index: int) -> np.ndarray:
+  """The RGB frames of one SynthSign clip (a loader of the feature cache; the dataset is loaded
+  once per process)."""
+  return _synthsign_at(root).example(split, index, frames=True)['frames']
 
 
 def _real(config: ml_collections.ConfigDict):
@@ -267,8 +278,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
             log: Callable[[str], None] = logging.info) -> Data:
   """Makes or reuses the dataset, tokenizer and feature cache of a run; see the module doc."""
   os.makedirs(workdir, exist_ok=True)
+  loader_processes = int(config.visual.get('loader_processes', 0))
   if config.data.dataset == 'synthsign':
     sources, texts, clips, num_clips = _synthsign(config, workdir, log)
+  elif loader_processes:
+    raise build.ConfigError('visual.loader_processes is for SynthSign\'s rendering; a real '
+                            'dataset\'s videos decode in a thread beside the encoder (set 0).')
   else:
     sources, texts, clips, num_clips = _real(config)
   tokenizer = _tokenizer(config, workdir, texts['train'], log)
@@ -280,7 +295,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str,
     cache = features.build_feature_cache(
         clips(), encoder_cfg, encoder_params, out, batch_frames=config.visual.batch_frames,
         pooling=tuple(config.visual.feature_keys), image_size=int(config.visual.image_size),
-        encoder_name=encoder_dir, num_clips=num_clips)
+        encoder_name=encoder_dir, num_clips=num_clips,
+        loader_processes=loader_processes)
     visual_width = build.visual_dim(config, encoder_cfg.hidden_size)
   stats = _keypoint_stats(config, workdir, sources['train'], log)
   return Data(tokenizer, featurizer(config, tokenizer, cache, stats), sources, texts,

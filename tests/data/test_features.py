@@ -1,6 +1,7 @@
 """The DINOv2 feature cache on a tiny random encoder: cached features against a direct
 `encode_frames` call, packing and padding, resizing, sharding, reloading, resuming and errors."""
 
+import functools
 import json
 import logging
 import pickle
@@ -193,6 +194,21 @@ def test_loaders_called_only_for_uncached_clips(f32_cache, params, tmp_path):
   assert cache.ids() == f32_cache.ids()
   for clip_id in cache.ids():
     np.testing.assert_array_equal(cache.get(clip_id)['dense'], f32_cache.get(clip_id)['dense'])
+
+
+def clip_frames(index: int) -> np.ndarray:
+  """make_clips()'s frames of one clip: a module-level loader, picklable for processes."""
+  return make_clips()[index][1]
+
+
+def test_loaders_in_processes_give_the_thread_cache(f32_cache, params, tmp_path):
+  lazy = [(f'clip-{i}', functools.partial(clip_frames, i)) for i in range(len(LENGTHS))]
+  cache = ft.build_feature_cache(lazy, CONFIG, params, tmp_path, loader_processes=2, **SAME)
+  assert cache.ids() == f32_cache.ids()
+  for clip_id in cache.ids():
+    np.testing.assert_array_equal(cache.get(clip_id)['dense'], f32_cache.get(clip_id)['dense'])
+  with pytest.raises(ValueError, match='loader_processes must be >= 0'):
+    ft.build_feature_cache(lazy, CONFIG, params, tmp_path / 'neg', loader_processes=-1, **SAME)
 
 
 def test_interrupted_build_resumes(f32_cache, params, tmp_path):

@@ -26,6 +26,7 @@ from rvlf_jax.models.fusion import SignEncoderConfig
 from rvlf_jax.models.layers import LoraConfig
 from rvlf_jax.models.skeleton import EncoderConfig, SkeletonConfig
 from rvlf_jax.recipe import build
+from rvlf_jax.recipe import data as data_lib
 
 NUM_DEVICES = 64
 CONFIGS = {
@@ -389,3 +390,12 @@ def test_rla_ablation_keeps_its_fusion_mode():
   build.check(config, stages=build.STAGES, num_devices=NUM_DEVICES)
   fuse = build.sign_config(config).fusion
   assert fuse.mode == 'rla' and fuse.uses_rla
+
+
+def test_frame_loader_processes_are_for_synthsign_rendering(tmp_path):
+  assert synthsign.get_config().visual.loader_processes == 2
+  assert phoenix2014t.get_config().visual.loader_processes == 0  # videos decode in a thread
+  config = synthsign.get_config()
+  config.data.dataset = 'phoenix'
+  with pytest.raises(build.ConfigError, match='loader_processes is for SynthSign'):
+    data_lib.prepare(config, str(tmp_path), log=lambda _: None)
