@@ -117,8 +117,8 @@ def get_config(arg: str | None, *, name: str, data: dict[str, Any], dinov2: str,
       part_dim=128, d_model=512, num_layers=4, num_heads=8, mlp_dim=1536, dropout=0.1,
       temporal_kernel=5, temporal_strides=(2, 2), dtype='bfloat16')
   c.model.fusion.update(
-      mode='rla' if c.model.fusion.mode == 'rla' else 'gated_sum', d_model=512, visual_kernel=5, num_layers=2, num_heads=8, mlp_dim=1536,
-      dropout=0.1, dtype='bfloat16')
+      mode='rla' if c.model.fusion.mode == 'rla' else 'gated_sum', d_model=512, visual_kernel=5,
+      num_layers=2, num_heads=8, mlp_dim=1536, dropout=0.1, dtype='bfloat16')
   c.model.decoder.update(preset=decoder, hf_path='', **DECODERS[decoder].sizes)
   c.model.lora.update(rank=16, alpha=32.0)
 

@@ -338,12 +338,12 @@ def _load_ahead(items: Iterator[tuple[int, str, Any]], depth: int = 4, processes
     raise ValueError(f'loader_processes must be >= 0, got {processes}.')
   if processes:
     # Spawned, not forked: the parent runs JAX's threads.
-    pool_ = concurrent.futures.ProcessPoolExecutor(
+    pool = concurrent.futures.ProcessPoolExecutor(
         processes, mp_context=multiprocessing.get_context('spawn'))
     depth *= processes
   else:
-    pool_ = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frames')
-  with pool_ as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='frames')
+  with pool:
     queue: collections.deque = collections.deque()
     exhausted, error = False, None
     while queue or not exhausted:

@@ -321,10 +321,6 @@ def _draw_gate(module: nn.Module, gate: policy_lib.GateConfig, x_btd: Array, v_b
   gate is sampled (log_prob of the stop-gradient action), without one it is the policy's mode
   (log_prob 0); a fixed gate gives zero log_prob and entropy and creates no policy.
   """
-  b = x_btd.shape[0]
-  if gate.fixed is not None:
-    zeros = jnp.zeros((b,), jnp.float32)
-    return jnp.full((b,), gate.fixed, jnp.float32), zeros, zeros
   state_bs = policy_lib.policy_state(
       policy_lib.masked_mean(jax.lax.stop_gradient(x_btd), mask_bt),
       policy_lib.masked_mean(jax.lax.stop_gradient(v_btd), mask_bt))

@@ -97,8 +97,12 @@ def draw_gate(module: nn.Module, config: 'GateConfig', state_gs: Array,
 
   With a 'gate' rng in `module` the action is sampled (its log-probability differentiable in the
   policy, the action itself not); without one the gate is the policy's mode and log_prob is 0.
-  The caller passes a stop-gradient state, so the policy never trains the encoder.
+  The caller passes a stop-gradient state, so the policy never trains the encoder. A fixed gate
+  (`config.fixed`) creates no policy and has zero log_prob and entropy.
   """
+  if config.fixed is not None:
+    zeros_g = jnp.zeros(state_gs.shape[:1], jnp.float32)
+    return jnp.full_like(zeros_g, config.fixed), zeros_g, zeros_g
   dist = config.distribution
   out_go = GatePolicy(dist.num_outputs, config.hidden, parent=module, name=name)(state_gs)
   entropy_g = dist.entropy(out_go)

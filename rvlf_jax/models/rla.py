@@ -171,14 +171,8 @@ class GatedRLA(nn.Module):
                text_mask_bm: Array | None = None) -> tuple[Array, Array]:
     """As `RLABlock.__call__` without the gate argument (the text dim must be D here: the
     policy's state compares the pooled visual and text tokens)."""
-    cfg, b = self.gate, visual_btd.shape[0]
-    g = 1 if cfg.scope == 'episode' else b
-    if cfg.fixed is not None:
-      gate_g = jnp.full((g,), cfg.fixed, jnp.float32)
-      log_prob_g = entropy_g = jnp.zeros((g,), jnp.float32)
-    else:
-      gate_g, log_prob_g, entropy_g = self._policy_gate(visual_btd, text_bmd, visual_mask_bt,
-                                                        text_mask_bm)
+    gate_g, log_prob_g, entropy_g = self._policy_gate(visual_btd, text_bmd, visual_mask_bt,
+                                                      text_mask_bm)
     block = RLABlock(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype, name='block')
     visual_btd, fused_bmd = block(visual_btd, text_bmd, jax.lax.stop_gradient(gate_g),
                                   visual_mask_bt, text_mask_bm)
@@ -192,7 +186,8 @@ class GatedRLA(nn.Module):
     return visual_btd, fused_bmd
 
   def _policy_gate(self, visual_btd, text_bmd, visual_mask_bt, text_mask_bm):
-    """(gate, log_prob, entropy) float32[G] from the policy on the stop-gradient state."""
+    """(gate, log_prob, entropy) float32[G] from the policy on the stop-gradient state (or the
+    fixed gate)."""
     cfg = self.gate
     visual_gap = policy_lib.masked_mean(jax.lax.stop_gradient(visual_btd), visual_mask_bt)
     text_gap = policy_lib.masked_mean(jax.lax.stop_gradient(text_bmd), text_mask_bm)

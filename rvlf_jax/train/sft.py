@@ -95,7 +95,7 @@ def with_gate_objective(loss_fn: Callable, state: state_lib.TrainState) -> Calla
     loss, metrics = loss_fn(trained)
     records = metrics.pop(slt.GATE_RECORDS, None)
     if records is None:
-      return loss, (metrics, None)
+      return loss, ({**metrics, 'loss': loss}, None)
     total, gate_metrics, rl = gate_objective(loss, records, state.rl, state.step)
     return total, ({**metrics, 'loss': loss, **gate_metrics}, rl)
 
@@ -107,10 +107,11 @@ def apply_step(state: state_lib.TrainState, loss_fn: Callable, tx: optax.Gradien
   (state, metrics with 'loss' (the task loss) and 'grad_norm')."""
   (loss, (metrics, rl)), grads = jax.value_and_grad(
       with_gate_objective(loss_fn, state), has_aux=True)(state.params)
+  del loss  # The total; metrics['loss'] is the task loss.
   new_state = state_lib.apply_gradients(state, grads, tx)
-  if rl is None:
-    return new_state, {**metrics, 'loss': loss, 'grad_norm': optax.tree.norm(grads)}
-  return new_state.replace(rl=rl), {**metrics, 'grad_norm': optax.tree.norm(grads)}
+  if rl is not None:
+    new_state = new_state.replace(rl=rl)
+  return new_state, {**metrics, 'grad_norm': optax.tree.norm(grads)}
 
 
 def make_step(model: slt.SLTModel, tx: optax.GradientTransformation,
