@@ -39,6 +39,12 @@ GPU_FIGURES = (
     'batch-1 greedy decoding vs the memory-bandwidth roofline',
 )
 
+# What the issue measured on the 2-core development machine, set against this run's own figures
+# so that a reader can tell a slow machine from a slow benchmark.
+ISSUE_MATMUL_GFLOPS = 179.0
+ISSUE_HF_STEP_S = 2.60
+QUICK_GOAL_S = 20 * 60
+
 Log = Callable[[str], None]
 
 
@@ -136,6 +142,25 @@ def _machine(env: common.Env) -> str:
           common.table(['library', 'version'], versions))
 
 
+def _speed(results: Sequence[Result], env: common.Env, command: str,
+           total_seconds: float) -> str:
+  """This run's machine speed against the issue's figures, and the quick run's time goal."""
+  hf_step = next((r.section.figures.get('HF/PyTorch s/step') for r in results
+                  if r.name == 'bench_train' and not r.error), None)
+  parts = [f'dense matmul {env.matmul_gflops:.1f} GFLOP/s (the issue: about '
+           f'{ISSUE_MATMUL_GFLOPS:.0f}, {env.matmul_gflops / ISSUE_MATMUL_GFLOPS:.2f}x)']
+  if hf_step:
+    parts.append(f'HF/PyTorch training step of model M {hf_step:.3g} s (the issue: '
+                 f'{ISSUE_HF_STEP_S:.2f} s, so this machine ran it at '
+                 f'{ISSUE_HF_STEP_S / hf_step:.2f}x the issue\'s speed)')
+  text = 'Speed against the issue\'s figures for this machine: ' + '; '.join(parts) + '.'
+  if '--quick' in command.split():
+    verdict = 'within' if total_seconds < QUICK_GOAL_S else 'over'
+    text += (f' `--quick` aims at under {QUICK_GOAL_S // 60} minutes; this run took '
+             f'{total_seconds:.0f} s, {verdict} that.')
+  return text
+
+
 def _gpu_section(env: common.Env) -> str:
   on_gpu = not env.device.lower().startswith('cpu')
   if on_gpu:
@@ -165,7 +190,8 @@ def render(results: Sequence[Result], env: common.Env, command: str, started: st
   ]
   if pending:
     parts += [f'**Incomplete: still to run: {", ".join(pending)}.**', '']
-  parts += ['## Machine', '', _machine(env), '']
+  parts += ['## Machine', '', _machine(env), '', _speed(results, env, command, total_seconds),
+            '']
   parts += ['## Summary', '',
             common.table(['benchmark', 'figure', 'value'], summary_rows(results)), '']
   wall = [[r.name, r.section.title if not r.error else '-', f'{r.seconds:.1f} s',

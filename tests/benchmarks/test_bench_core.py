@@ -133,6 +133,23 @@ def test_run_all_succeeds_when_all_pass(monkeypatch, tmp_path):
   assert '## Fine' in out.read_text()
 
 
+def test_report_sets_the_machine_speed_against_the_issue_figures():
+  env = _fake_env()  # 170 GFLOP/s
+  train = run_lib.Result('bench_train', 60.0, common.Section(
+      'Training step', 'body', {'HF/PyTorch s/step': 5.2}))
+  quick = run_lib.render([train], env, 'python -m benchmarks.run --quick', 'now', 1300.0)
+  assert 'dense matmul 170.0 GFLOP/s (the issue: about 179, 0.95x)' in quick
+  assert 'HF/PyTorch training step of model M 5.2 s (the issue: 2.60 s' in quick
+  assert 'at 0.50x the issue\'s speed' in quick
+  assert 'this run took 1300 s, over that.' in quick
+  # A full run has no time goal; without bench_train only the matmul peak is compared.
+  full = run_lib.render([], env, 'python -m benchmarks.run', 'now', 900.0)
+  assert 'dense matmul 170.0 GFLOP/s' in full and 'HF/PyTorch' not in full
+  assert 'aims at' not in full
+  fast = run_lib.render([train], env, 'python -m benchmarks.run --quick', 'now', 1000.0)
+  assert 'this run took 1000 s, within that.' in fast
+
+
 def test_a_benchmark_returning_no_section_fails(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'benchmarks.fake_bad', _module('fake_bad',
                                                                   lambda env, quick: {'x': 1}))
