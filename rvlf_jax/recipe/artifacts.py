@@ -495,6 +495,7 @@ def translate_clip(translator: Translator, *, pose: str | poses.Pose | None = No
 def evaluate_checkpoint(workdir: str, split: str, stage: str | None = None,
                         which: str | int = 'best', *, decode: str | None = None,
                         beam_size: int | None = None, output_dir: str | None = None,
+                        synthsign_size: str | None = None,
                         log: Log = logging.info) -> dict[str, float]:
   """Scores a stage's checkpoint on a split, as the run scored it (`stages.score_splits`).
 
@@ -508,6 +509,8 @@ def evaluate_checkpoint(workdir: str, split: str, stage: str | None = None,
     which: 'best', 'latest' or a step.
     decode, beam_size: override eval.decode and eval.beam_size.
     output_dir: where to write hyps.txt, refs.txt and ids.txt (None: nowhere).
+    synthsign_size: a SynthSign run only: score `split` of this larger SynthSign instead (its
+      first clips are the run's own; `data_lib.larger_synthsign`).
     log: receives progress lines.
 
   Returns:
@@ -524,8 +527,13 @@ def evaluate_checkpoint(workdir: str, split: str, stage: str | None = None,
     config.eval.beam_size = int(beam_size)
   _fit_mesh(config, log)
   ctx = run.context(config, workdir, log)
+  where = split
+  if synthsign_size:
+    ctx = dataclasses.replace(ctx, data=data_lib.larger_synthsign(
+        config, workdir, ctx.data, synthsign_size, split, log))
+    where = f'{split} of SynthSign {synthsign_size!r} ({len(ctx.data.sources[split])} clips)'
   model, params = restore(ctx, stage, which)
-  log(f'{workdir}: scoring the {which} {stage} checkpoint on {split} '
+  log(f'{workdir}: scoring the {which} {stage} checkpoint on {where} '
       f'({config.eval.decode} decoding)')
   return stages_lib.translate_scores(ctx, model, params,
                                      ctx.data.eval(split, int(config.eval.batch_size)),

@@ -94,6 +94,28 @@ def test_evaluate_checkpoint_mode_reproduces_the_runs_scores(tiny_run, tmp_path,
       assert ours.read() == runs.read(), name
 
 
+def test_evaluate_scores_a_larger_synthsign_split(tiny_run, tmp_path, capsys):
+  out = str(tmp_path / 'scored_default')
+  run_main(evaluate_launch, checkpoint=tiny_run.workdir, split='test', output_dir=out,
+           synthsign_size='default', hyps=None, refs=None)
+  lines = capsys.readouterr().out.splitlines()
+  assert list(json.loads(lines[-1])) == ['bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l']
+  assert lines[-2].startswith(f'{tiny_run.workdir} grpo test (default): bleu1 ')
+  def read(folder, name):
+    with open(os.path.join(folder, name)) as f:
+      return f.read().splitlines()
+
+  ids, hyps = read(out, 'ids.txt'), read(out, 'hyps.txt')
+  assert len(hyps) == len(ids) == 300 and ids[-1] == 'synthsign-0-test-000299'
+  # SynthSign default's test split starts with tiny's 12 clips, translated as the run did.
+  own = os.path.join(tiny_run.workdir, 'eval', 'grpo', 'test')
+  assert ids[:12] == read(own, 'ids.txt') and hyps[:12] == read(own, 'hyps.txt')
+  assert os.path.isdir(os.path.join(tiny_run.workdir, 'features_default'))
+  with pytest.raises(ValueError, match="this run trained on 'tiny'; a larger split is one of "
+                     r"\['default', 'large'\]"):
+    artifacts.evaluate_checkpoint(tiny_run.workdir, 'test', synthsign_size='tiny')
+
+
 def test_evaluate_modes_exclude_each_other(tiny_run, tmp_path):
   hyps = str(tmp_path / 'h.txt')
   with pytest.raises(SystemExit, match='--hyps and --refs .* and --checkpoint .* exclude each '
