@@ -15,7 +15,8 @@ Checkpoint mode translates a split with a trained checkpoint and scores it:
       --decode=beam --beam_size=4 --output_dir=/tmp/rvlf-sft-dev
 
 --checkpoint is the --workdir of a launch.train run; --checkpoint_stage picks its GRPO or SFT
-translator (default: GRPO if it was trained, else SFT), restored at its best dev BLEU-4; decoding
+translator (default: GRPO if it was trained, else SFT), restored at its best dev BLEU-4, or the
+control run's last state (control); decoding
 follows the run's config (eval.*) unless --decode/--beam_size say otherwise, and the config's data.lang picks
 the tokenisation. The data are read as the run prepared them (`rvlf_jax.recipe.run.context`
 reuses the workdir's caches). --output_dir also writes the hypotheses, references and ids.
@@ -47,8 +48,10 @@ _LANG = flags.DEFINE_enum('lang', 'en', ['de', 'en', 'zh'],
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                   'Checkpoint mode: the --workdir of a launch.train run.',
                                   allow_override=True)
-_STAGE = flags.DEFINE_enum('checkpoint_stage', None, ['sft', 'grpo'],
-                           'Which translator; default: grpo if trained, else sft.',
+# Here it also takes 'control' (translate and export_hf, which define it too, do not).
+_STAGE = flags.DEFINE_enum('checkpoint_stage', None, ['sft', 'grpo', 'control'],
+                           'Which translator; default: grpo if trained, else sft; control: SFT '
+                           'continued for the GRPO stage\'s time (launch.train --stage=control).',
                            allow_override=True)
 _SPLIT = flags.DEFINE_enum('split', None, ['dev', 'test'], 'Checkpoint mode: the split to score.')
 _DECODE = flags.DEFINE_enum('decode', None, ['greedy', 'beam'],

@@ -47,6 +47,8 @@ from rvlf_jax.train import params as params_lib
 Log = Callable[[str], None]
 # Translator stages, in the order `load_translator` prefers them.
 STAGES = ('grpo', 'sft')
+# Scored when asked for, never picked by default: SFT continued for the GRPO stage's time.
+CONTROL = 'control'
 DECODER_DIR, ENCODER_DIR = 'decoder', 'dinov2'
 # What `recipe.data.prepare` leaves to `build_feature_cache`'s defaults: ImageNet's pixel
 # statistics, and float16 storage (the cached features are rounded to it; so are ours).
@@ -139,9 +141,9 @@ def pick_stage(workdir: str, stage: str | None = None) -> str:
     ValueError: an unknown stage.
     stages.MissingCheckpointError: the stage (or neither) has checkpoints in the workdir.
   """
-  if stage is not None and stage not in STAGES:
-    raise ValueError(f'stage must be one of {STAGES} (the stages that train a translator), got '
-                     f'{stage!r}.')
+  if stage is not None and stage not in (*STAGES, CONTROL):
+    raise ValueError(f'stage must be one of {(*STAGES, CONTROL)} (the stages that train a '
+                     f'translator), got {stage!r}.')
   for name in (stage,) if stage else STAGES:
     if _has_checkpoints(workdir, name):
       return name
@@ -223,12 +225,12 @@ def restore(ctx: stages_lib.Context, stage: str, which: str | int = 'best'
   what the checkpoint holds.
   """
   # pylint: disable=protected-access
-  if stage == 'sft':
+  if stage in ('sft', CONTROL):
     make_setup = stages_lib._sft_setup
   elif stage == 'grpo':
     make_setup = stages_lib._grpo_setup
   else:
-    raise ValueError(f'stage must be one of {STAGES}, got {stage!r}.')
+    raise ValueError(f'stage must be one of {(*STAGES, CONTROL)}, got {stage!r}.')
   # pylint: enable=protected-access
   pick_stage(ctx.workdir, stage)
   model, _, setup = make_setup(ctx, None)

@@ -5,6 +5,7 @@ They live here rather than in tests/launch/ because they read the `tiny_run` fix
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from launch import export_hf as export_launch
 from launch import translate as translate_launch
 from rvlf_jax.recipe import artifacts
 from rvlf_jax.recipe import export as export_lib
+from rvlf_jax.recipe import run as run_lib
 from tests.recipe.test_artifacts import write_clip
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -114,6 +116,16 @@ def test_evaluate_scores_a_larger_synthsign_split(tiny_run, tmp_path, capsys):
   with pytest.raises(ValueError, match="this run trained on 'tiny'; a larger split is one of "
                      r"\['default', 'large'\]"):
     artifacts.evaluate_checkpoint(tiny_run.workdir, 'test', synthsign_size='tiny')
+
+
+def test_evaluate_scores_the_control(tiny_run, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run.workdir, workdir)
+  results = run_lib.run(tiny_run.config, workdir, ['control'], log=lambda line: None)
+  scores = artifacts.evaluate_checkpoint(workdir, 'test', 'control')
+  assert scores == pytest.approx(results['sft_control']['test'])
+  with pytest.raises(ValueError, match="stage must be one of .*'control'.*, got 'rl'"):
+    artifacts.evaluate_checkpoint(workdir, 'test', 'rl')
 
 
 def test_evaluate_modes_exclude_each_other(tiny_run, tmp_path):
