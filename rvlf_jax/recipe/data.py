@@ -157,7 +157,8 @@ def larger_synthsign(config: ml_collections.ConfigDict, workdir: str, data: Data
   WORKDIR/features_<size>, by the run's frozen frame encoder, and reused.
 
   Returns:
-    `data` with the larger `split` as its only source and a featurizer reading its features.
+    `data` with the larger `split` as its only source and a featurizer reading its features
+    (its texts, the tokenizer's and pretraining's corpus, stay the run's).
 
   Raises:
     build.ConfigError: the run is not on SynthSign.
@@ -185,8 +186,7 @@ def larger_synthsign(config: ml_collections.ConfigDict, workdir: str, data: Data
   stats = load_keypoint_stats(config, workdir)
   return dataclasses.replace(
       data, featurizer=featurizer(config, data.tokenizer, cache, stats),
-      sources={split: pipeline.SplitSource(dataset, split)},
-      texts={split: [dataset.example_text(split, i) for i in range(count)]}, _featurized={})
+      sources={split: pipeline.SplitSource(dataset, split)}, _featurized={})
 
 
 def _real(config: ml_collections.ConfigDict):

@@ -105,9 +105,9 @@ def with_gate_objective(loss_fn: Callable, state: state_lib.TrainState) -> Calla
 def apply_step(state: state_lib.TrainState, loss_fn: Callable, tx: optax.GradientTransformation):
   """Differentiates `with_gate_objective(loss_fn, state)`, applies the update, and returns
   (state, metrics with 'loss' (the task loss) and 'grad_norm')."""
-  (loss, (metrics, rl)), grads = jax.value_and_grad(
+  # The value is the total objective; metrics['loss'] is the task loss.
+  (_, (metrics, rl)), grads = jax.value_and_grad(
       with_gate_objective(loss_fn, state), has_aux=True)(state.params)
-  del loss  # The total; metrics['loss'] is the task loss.
   new_state = state_lib.apply_gradients(state, grads, tx)
   if rl is not None:
     new_state = new_state.replace(rl=rl)
