@@ -328,7 +328,8 @@ def _grpo(config, seed: int) -> Callable[..., StageRun]:
     device_batch = pipeline.device_batch(batch)
     embeds, valid = jax.eval_shape(prefix, params, device_batch)
     sds = lambda dtype, *dims: jax.ShapeDtypeStruct((rows, *dims), dtype)
-    completions = (sds(embeds.dtype, *embeds.shape[1:]), sds(valid.dtype, *valid.shape[1:]),
+    completions = (dict(embeds=sds(embeds.dtype, *embeds.shape[1:]),
+                        valid=sds(valid.dtype, *valid.shape[1:])),
                    sds(np.int32, n), sds(np.bool_, n))
     logp = sds(np.float32, n)
     sampling = loop_flops(jax.make_jaxpr(sample)(params, device_batch, rng), while_trips=n)

@@ -148,6 +148,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rewards=(('bleu', 0.5), ('rouge_l', 0.5)), advantage='grpo', epsilon=0.2,
       epsilon_high=0.0,      # 0: symmetric clipping
       beta=0.04, aggregation='seq_mean_token_mean', mu=1, lora_rank=8, lora_alpha=16.0,
+      # True: the policy gradient also trains the sign encoder and projector (the reference
+      # policy keeps their SFT values), at sign_encoder_lr_factor x the learning rate (1e-4
+      # peak here, SFT's final rate); False: only the decoder's fresh adapters train.
+      train_sign_encoder=False, sign_encoder_lr_factor=0.1,
       eval_every=40, eval_examples=300, log_every=10, checkpoint_every=40))
 
   c.eval = ml_collections.ConfigDict(dict(

@@ -197,20 +197,27 @@ def grpo_program(config: ml_collections.ConfigDict, prompt: slt.Prompt) -> Progr
   cfg = build.grpo_config(config)
   boxed = model.abstract_params(boxed=True)
   params = nn.meta.unbox(boxed)
-  prefix, update = grpo.make_prefix(model, prompt), grpo.make_update(model, tx, cfg)
+  prefix, update = grpo.make_prefix(model, prompt), grpo.make_update(model, tx, cfg, prompt)
   b = int(config.grpo.batch_size)
-  embeds, valid = jax.eval_shape(prefix, params, _bucket_batch(model.config.sign, b, config))
+  videos = _bucket_batch(model.config.sign, b, config)
+  embeds, valid = jax.eval_shape(prefix, params, videos)
   rows, n = b * cfg.group_size, cfg.sampling.max_new_tokens
   shape = lambda dtype, *dims: jax.ShapeDtypeStruct((rows, *dims), dtype)
   logp = shape(jnp.float32, n)
-  # As GRPOTrainer.step builds them: prompt embeddings and validity tiled over the group,
-  # completions, their mask, advantages, old (only when mu > 1) and reference log-probs.
-  inputs = dict(embeds=shape(embeds.dtype, *embeds.shape[1:]),
-                valid=shape(valid.dtype, *valid.shape[1:]), tokens=shape(jnp.int32, n),
-                mask=shape(jnp.bool_, n), adv=shape(jnp.float32),
-                old_logp=logp if cfg.mu > 1 else None, ref_logp=logp)
+  # As GRPOTrainer.step builds them: the prompts (embeddings and validity tiled over the group,
+  # or the videos when the sign encoder trains), completions, their mask, advantages, old (only
+  # when mu > 1) and reference log-probs.
+  prompts = videos if cfg.train_sign_encoder else dict(
+      embeds=shape(embeds.dtype, *embeds.shape[1:]), valid=shape(valid.dtype, *valid.shape[1:]))
+  inputs = dict(prompts=prompts, tokens=shape(jnp.int32, n), mask=shape(jnp.bool_, n),
+                adv=shape(jnp.float32), old_logp=logp if cfg.mu > 1 else None, ref_logp=logp)
   step = lambda state, batch, rng: update(state, **batch)
-  return Program(step, _abstract_state(boxed, grpo.trained_mask(params), tx), boxed, inputs)
+
+  def make_state(params):
+    trained, frozen = grpo.split_params(params, sign_encoder=cfg.train_sign_encoder)
+    return state_lib.create(trained, tx, frozen=frozen)
+
+  return Program(step, jax.eval_shape(make_state, params), boxed, inputs)
 
 
 PROGRAMS = {'represent': represent_program, 'sft': sft_program, 'grpo': grpo_program}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -296,34 +297,50 @@ def build_feature_cache(
         continue
       yield index, clip_id, frames
 
-  for index, clip_id, frames in _load_ahead(todo(), processes=loader_processes):
-    if frames is None:
-      progress.unread()
-      continue
-    frames = np.asarray(frames)
-    if (frames.dtype != np.uint8 or frames.ndim != 4
-        or frames.shape[-1] != encoder_config.num_channels):
-      raise ValueError(f'clip {clip_id!r}: frames must be uint8[T, H, W, '
-                       f'{encoder_config.num_channels}], got {frames.dtype}{list(frames.shape)}.')
-    if not len(frames):
-      # Most likely a video that failed to decode; a T=0 sequence would also break training.
-      raise ValueError(f'clip {clip_id!r} has no frames.')
-    if batch and frames.shape[1:] != batch[0].shape[1:]:
-      dispatch()  # Frames of another size start a batch of their own (and a compilation).
-    pending[index] = clip = _Clip(clip_id, len(frames), {name: [] for name in names})
-    start = 0
-    while start < clip.length:
-      n = min(clip.length - start, batch_frames - filled)
-      batch.append(frames[start:start + n])
-      segments.append((index, n))
-      filled += n
-      start += n
-      if filled == batch_frames:
+  def encode_all():
+    nonlocal batch, segments, filled
+    for index, clip_id, frames in _load_ahead(todo(), processes=loader_processes):
+      if frames is None:
+        progress.unread()
+        continue
+      frames = np.asarray(frames)
+      if (frames.dtype != np.uint8 or frames.ndim != 4
+          or frames.shape[-1] != encoder_config.num_channels):
+        raise ValueError(f'clip {clip_id!r}: frames must be uint8[T, H, W, '
+                         f'{encoder_config.num_channels}], got '
+                         f'{frames.dtype}{list(frames.shape)}.')
+      if not len(frames):
+        # Most likely a video that failed to decode; a T=0 sequence would also break training.
+        raise ValueError(f'clip {clip_id!r} has no frames.')
+      if batch and frames.shape[1:] != batch[0].shape[1:]:
+        dispatch()  # Frames of another size start a batch of their own (and a compilation).
+      pending[index] = clip = _Clip(clip_id, len(frames), {name: [] for name in names})
+      start = 0
+      while start < clip.length:
+        n = min(clip.length - start, batch_frames - filled)
+        batch.append(frames[start:start + n])
+        segments.append((index, n))
+        filled += n
+        start += n
+        if filled == batch_frames:
+          dispatch()
+    if filled:
+      dispatch()
+    while in_flight:
+      collect(in_flight.popleft())
+
+  try:
+    encode_all()
+  except BaseException:
+    # Lose nothing already done: the clips finished before the failure are written (the
+    # cache stays incomplete), so that a rerun encodes only the rest.
+    with contextlib.suppress(Exception):
+      if filled:
         dispatch()
-  if filled:
-    dispatch()
-  while in_flight:
-    collect(in_flight.popleft())
+      while in_flight:
+        collect(in_flight.popleft())
+    writer.save()
+    raise
   writer.close()
   progress.done()
   return FeatureCache(out_dir)
@@ -481,6 +498,11 @@ class _Writer:
     self.buffer.append((clip_id, arrays))
     self.buffer_bytes += sum(a.nbytes for a in arrays.values())
     if self.buffer_bytes >= self.shard_size_bytes:
+      self._flush()
+
+  def save(self):
+    """Writes the clips added so far, the cache staying incomplete."""
+    if self.writing and self.buffer:
       self._flush()
 
   def close(self):

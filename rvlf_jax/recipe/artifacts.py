@@ -41,6 +41,7 @@ from rvlf_jax.models import slt, vit
 from rvlf_jax.recipe import build, run
 from rvlf_jax.recipe import data as data_lib
 from rvlf_jax.recipe import stages as stages_lib
+from rvlf_jax.train import grpo as grpo_lib
 from rvlf_jax.train import loop
 from rvlf_jax.train import params as params_lib
 
@@ -225,17 +226,18 @@ def restore(ctx: stages_lib.Context, stage: str, which: str | int = 'best'
   what the checkpoint holds.
   """
   # pylint: disable=protected-access
+  params_of = params_lib.merge
   if stage in ('sft', CONTROL):
     make_setup = stages_lib._sft_setup
   elif stage == 'grpo':
-    make_setup = stages_lib._grpo_setup
+    make_setup, params_of = stages_lib._grpo_setup, grpo_lib.policy_params
   else:
     raise ValueError(f'stage must be one of {(*STAGES, CONTROL)}, got {stage!r}.')
   # pylint: enable=protected-access
   pick_stage(ctx.workdir, stage)
   model, _, setup = make_setup(ctx, None)
   state = loop.restore_state(ctx.workdir, stage, setup.target, which)
-  return model, params_lib.merge(state.params, state.frozen)
+  return model, params_of(state.params, state.frozen)
 
 
 def load_frame_encoder(config: ml_collections.ConfigDict, workdir: str) -> FrameEncoder:

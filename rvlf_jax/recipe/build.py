@@ -227,7 +227,8 @@ def grpo_config(config: ml_collections.ConfigDict) -> grpo_lib.GRPOConfig:
   return _fields(grpo_lib.GRPOConfig, dict(
       group_size=g.group_size, rewards=rewards, advantage=g.advantage, epsilon=g.epsilon,
       epsilon_high=g.epsilon_high or None, beta=g.beta, aggregation=g.aggregation, mu=g.mu,
-      lang=config.data.lang), 'grpo', sampling=sampling)
+      lang=config.data.lang, train_sign_encoder=bool(g.get('train_sign_encoder', False))),
+      'grpo', sampling=sampling)
 
 
 def grpo_lora(config: ml_collections.ConfigDict) -> LoraConfig:
@@ -304,7 +305,9 @@ def check(config: ml_collections.ConfigDict, *, stages: Sequence[str], num_devic
   optimizer_config(config, 'represent')
   optimizer_config(config, 'sft')
   optimizer_config(config, 'grpo')
-  grpo_config(config)
+  if grpo_config(config).train_sign_encoder and not config.grpo.sign_encoder_lr_factor > 0:
+    raise ConfigError('grpo.sign_encoder_lr_factor must be > 0 with grpo.train_sign_encoder, '
+                      f'got {config.grpo.sign_encoder_lr_factor}.')
   if config.sft.lora:
     lora_config(config)
   grpo_lora(config)

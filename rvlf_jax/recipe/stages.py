@@ -235,13 +235,15 @@ def _sft_setup(ctx: Context, sign_params: Any | None):
   return model, tx, _state_setup(ctx, model.abstract_params(boxed=True), make_state, inputs)
 
 
-def _dev_eval(ctx: Context, model: slt.SLTModel, section: ml_collections.ConfigDict):
-  """eval_fn(state) -> dev scores of greedy translations of the first eval_examples."""
+def _dev_eval(ctx: Context, model: slt.SLTModel, section: ml_collections.ConfigDict,
+              params_of: Callable[[Any, Any], Any] = params_lib.merge):
+  """eval_fn(state) -> dev scores of greedy translations of the first eval_examples, by the
+  model's parameters `params_of(state.params, state.frozen)`."""
   batches = lambda: ctx.data.eval('dev', int(ctx.config.eval.batch_size),
                                   int(section.eval_examples))
 
   def eval_fn(state):
-    return translate_scores(ctx, model, params_lib.merge(state.params, state.frozen), batches(),
+    return translate_scores(ctx, model, params_of(state.params, state.frozen), batches(),
                             decode='greedy')
 
   return eval_fn
@@ -304,6 +306,10 @@ def _grpo_setup(ctx: Context, sft_params: Any | None):
   when sft_params is None (a restore target only)."""
   model = grpo_model(ctx)
   tx = optimizers.make_optimizer(build.optimizer_config(ctx.config, 'grpo'))
+  sign_encoder = build.grpo_config(ctx.config).train_sign_encoder
+  if sign_encoder:
+    tx = optimizers.scale_part(tx, float(ctx.config.grpo.sign_encoder_lr_factor),
+                               lambda path: path[0] in grpo_lib.SIGN_PARTS)
 
   def make_state(sft_params):
     params = model.init_params(jax.random.key(ctx.seed + 1))
@@ -311,7 +317,7 @@ def _grpo_setup(ctx: Context, sft_params: Any | None):
       merged = merged_sft_params(ctx, sft_params)
       params = {**merged, 'decoder': lora_lib.add_adapters(merged['decoder'],
                                                            params['decoder'])}
-    trained, frozen = params_lib.partition(params, grpo_lib.trained_mask(params))
+    trained, frozen = grpo_lib.split_params(params, sign_encoder=sign_encoder)
     return state_lib.create(trained, tx, frozen=frozen)
 
   return model, tx, _state_setup(ctx, model.abstract_params(boxed=True), make_state, sft_params)
@@ -326,16 +332,17 @@ def run_grpo(ctx: Context, sft_params: Any) -> tuple[slt.SLTModel, Any, loop.His
                                  state_shardings=setup.shardings)
   state, history = loop.run_stage(
       'grpo', setup.init, trainer.step, lambda: ctx.train_batches(cfg, ctx.seed + 2),
-      ctx.workdir, target=setup.target, eval_fn=_dev_eval(ctx, model, cfg),
+      ctx.workdir, target=setup.target,
+      eval_fn=_dev_eval(ctx, model, cfg, grpo_lib.policy_params),
       eval_every=int(cfg.eval_every), best_metric='bleu4', **_stage_kwargs(cfg, ctx.config))
-  return model, params_lib.merge(state.params, state.frozen), history
+  return model, grpo_lib.policy_params(state.params, state.frozen), history
 
 
 def restore_grpo(ctx: Context, which: str = 'best') -> tuple[slt.SLTModel, Any]:
   require(ctx.workdir, 'grpo', 'evaluation')
   model, _, setup = _grpo_setup(ctx, None)
   state = loop.restore_state(ctx.workdir, 'grpo', setup.target, which)
-  return model, params_lib.merge(state.params, state.frozen)
+  return model, grpo_lib.policy_params(state.params, state.frozen)
 
 
 # -- Evaluation ----------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ One step on a batch of B videos:
      SFT policy (`rl.losses.grpo_loss`), the sampling policy's log-probs kept as old_logp.
 
 The policy is the SFT model with a fresh LoRA on its (merged) decoder; the reference policy is the
-same model without the adapters, so it needs no second copy of the weights. The sign encoder and
-projector stay frozen, so the prompt embeddings are computed once per step and shared by the
-sampling, the reference and every policy iteration.
+same model without the adapters, so it needs no second copy of the decoder. By default the sign
+encoder and projector stay frozen, so the prompt embeddings are computed once per step and shared
+by the sampling, the reference and every policy iteration. With `train_sign_encoder` the policy
+gradient also reaches the sign encoder and projector: the update encodes the videos itself, and
+their SFT values stay in the frozen part under `REFERENCE` for the reference policy.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class GRPOConfig:
     aggregation: registered loss aggregation.
     mu: policy iterations per sampled batch.
     lang: tokenisation of the rewards ('en', 'de', 'zh').
+    train_sign_encoder: also train the sign encoder and projector (default: adapters only).
   """
 
   group_size: int = 8
@@ -65,6 +68,7 @@ class GRPOConfig:
   aggregation: str = 'seq_mean_token_mean'
   mu: int = 1
   lang: str = 'en'
+  train_sign_encoder: bool = False
 
 
 def reward_report(scored_bg: dict[str, np.ndarray], lengths_bg: np.ndarray) -> dict[str, float]:
@@ -89,10 +93,43 @@ def reward_report(scored_bg: dict[str, np.ndarray], lengths_bg: np.ndarray) -> d
   return report
 
 
-def trained_mask(params: Any) -> Any:
-  """GRPO trains the decoder's LoRA adapters only."""
-  return params_lib.mask_from(
-      params, lambda path: path[0] == 'decoder' and path[-1] in ('lora_a', 'lora_b'))
+# The parts of the translator before the decoder, which GRPO trains with `train_sign_encoder`.
+SIGN_PARTS = ('sign_encoder', 'projector')
+# Key of the frozen part holding their SFT values (the reference policy's) when they train.
+REFERENCE = 'reference'
+
+
+def trained_mask(params: Any, *, sign_encoder: bool = False) -> Any:
+  """GRPO trains the decoder's LoRA adapters, and with sign_encoder the SIGN_PARTS too."""
+
+  def trained(path):
+    if path[0] == 'decoder':
+      return path[-1] in ('lora_a', 'lora_b')
+    return sign_encoder and path[0] in SIGN_PARTS
+
+  return params_lib.mask_from(params, trained)
+
+
+def split_params(params: Any, *, sign_encoder: bool = False) -> tuple[dict, dict]:
+  """(trained, frozen) of the GRPO state from the policy's full parameters: with sign_encoder,
+  frozen also keeps a copy of the SIGN_PARTS under REFERENCE (the reference policy's)."""
+  trained, frozen = params_lib.partition(params, trained_mask(params, sign_encoder=sign_encoder))
+  if sign_encoder:
+    frozen[REFERENCE] = {k: params[k] for k in SIGN_PARTS if k in params}
+  return trained, frozen
+
+
+def policy_params(trained: Any, frozen: Any) -> dict:
+  """The policy's full parameters (`SLTModel`'s tree) from the GRPO state's two parts."""
+  params = params_lib.merge(trained, frozen)
+  params.pop(REFERENCE, None)
+  return params
+
+
+def reference_params(frozen: Any) -> dict:
+  """The reference (SFT) policy's parameters: the frozen decoder without adapters, and the SFT
+  sign encoder and projector (frozen themselves, or their copy under REFERENCE)."""
+  return {k: v for k, v in {**frozen, **frozen.get(REFERENCE, {})}.items() if k != REFERENCE}
 
 
 def _completion_logp(llm: dec.Decoder, prefix_btd, prefix_valid_bt, tokens_bl, mask_bl,
@@ -121,34 +158,66 @@ def _logp_fn(llm: dec.Decoder, temperature: float) -> Callable:
   return nn.apply(lambda m, *a: _completion_logp(m, *a, temperature), llm)
 
 
-def make_reference(model: slt.SLTModel, config: GRPOConfig) -> Callable:
-  """reference(frozen, embeds, valid, tokens, mask) -> float32[N, L]: the completions'
-  log-probabilities under the reference (SFT) policy: the decoder without its adapters."""
-  reference_logp = _logp_fn(dec.Decoder(model.config.decoder), config.sampling.temperature)
+def make_prompts(model: slt.SLTModel, prompt: slt.Prompt | None, config: GRPOConfig
+                 ) -> Callable:
+  """prompts(params, inputs) -> (embeds float[N, P, D], valid bool[N, P]): the prefix of each of
+  the N = B x G completions.
 
-  def reference(frozen, embeds, valid, tokens, mask):
-    return reference_logp({'params': frozen['decoder']}, embeds, valid, tokens, mask)
+  With the sign encoder frozen, `inputs` is {'embeds', 'valid'}: the step's prefixes, already
+  repeated for the G samples of each video. With `config.train_sign_encoder` it is the batch of
+  B videos, encoded here by `params`' sign encoder and projector (so gradients reach them) and
+  repeated G times; `prompt` is then required.
+  """
+  if not config.train_sign_encoder:
+    return lambda params, inputs: (inputs['embeds'], inputs['valid'])
+  if prompt is None:
+    raise ValueError('train_sign_encoder: give the prompt, the update encodes the videos.')
+  prefix = make_prefix(model, prompt)
+
+  def prompts(params, batch):
+    embeds, valid = prefix(params, batch)
+    repeat = lambda x: jnp.repeat(x, config.group_size, axis=0)
+    return repeat(embeds), repeat(valid)
+
+  return prompts
+
+
+def make_reference(model: slt.SLTModel, config: GRPOConfig,
+                   prompt: slt.Prompt | None = None) -> Callable:
+  """reference(frozen, prompts, tokens, mask) -> float32[N, L]: the completions'
+  log-probabilities under the reference (SFT) policy, the decoder without its adapters after
+  the SFT sign encoder's prefix (`prompts`: the inputs of `make_prompts`)."""
+  reference_logp = _logp_fn(dec.Decoder(model.config.decoder), config.sampling.temperature)
+  prompts_of = make_prompts(model, prompt, config)
+
+  def reference(frozen, prompts, tokens, mask):
+    params = reference_params(frozen)
+    embeds, valid = prompts_of(params, prompts)
+    return reference_logp({'params': params['decoder']}, embeds, valid, tokens, mask)
 
   return reference
 
 
 def make_update(model: slt.SLTModel, tx: optax.GradientTransformation,
-                config: GRPOConfig) -> Callable:
+                config: GRPOConfig, prompt: slt.Prompt | None = None) -> Callable:
   """The pure GRPO policy update, one of the `mu` iterations of a step:
 
-    update(state, embeds, valid, tokens, mask, adv, old_logp, ref_logp) -> (state, metrics)
+    update(state, prompts, tokens, mask, adv, old_logp, ref_logp) -> (state, metrics)
 
-  on N = B x G completions: embeds float[N, P, D] and valid bool[N, P] (each video's prefix
-  repeated for its G samples), tokens int32[N, L], mask bool[N, L], adv float32[N],
-  old_logp float32[N, L] or None (mu == 1: the policy's own, detached), ref_logp float32[N, L].
-  Jit it (or shard it) with the state donated; `GRPOTrainer` does.
+  on N = B x G completions: prompts their prefixes (the inputs of `make_prompts`: the prefixes
+  repeated for each video's G samples, or with `train_sign_encoder` the videos themselves),
+  tokens int32[N, L], mask bool[N, L], adv float32[N], old_logp float32[N, L] or None (mu == 1:
+  the policy's own, detached), ref_logp float32[N, L]. Jit it (or shard it) with the state
+  donated; `GRPOTrainer` does.
   """
   policy_logp = _logp_fn(model.decoder, config.sampling.temperature)
+  prompts_of = make_prompts(model, prompt, config)
 
-  def update(state, embeds, valid, tokens, mask, adv, old_logp, ref_logp):
+  def update(state, prompts, tokens, mask, adv, old_logp, ref_logp):
     def loss_fn(trained):
-      decoder_params = params_lib.merge(trained, state.frozen)['decoder']
-      logp = policy_logp({'params': decoder_params}, embeds, valid, tokens, mask)
+      params = policy_params(trained, state.frozen)
+      embeds, valid = prompts_of(params, prompts)
+      logp = policy_logp({'params': params['decoder']}, embeds, valid, tokens, mask)
       return losses.grpo_loss(
           logp, adv, mask, old_logp=old_logp, ref_logp=ref_logp, epsilon=config.epsilon,
           epsilon_high=config.epsilon_high, beta=config.beta,
@@ -163,7 +232,8 @@ def make_update(model: slt.SLTModel, tx: optax.GradientTransformation,
 class GRPOTrainer:
   """The GRPO step for one SLT model: `step(state, batch, rng) -> (state, metrics)`.
 
-  `state.params` holds the adapters (see `trained_mask`), `state.frozen` everything else.
+  `state.params` holds what trains (see `trained_mask`), `state.frozen` everything else
+  (`split_params` builds the two).
 
   Without a mesh the pieces are plain `jax.jit`s. With one, they run sharded over it: the state
   laid out by `state_shardings` (donated to the update), every per-video or per-completion array
@@ -185,8 +255,9 @@ class GRPOTrainer:
     # Not a default argument: rvlf_jax.sharding may still be loading (it imports recipe.build,
     # which imports this module).
     self.mesh, self.rules = mesh, sharding.RULES if rules is None else rules
-    prefix, reference = make_prefix(model, prompt), make_reference(model, config)
-    update = make_update(model, tx, config)
+    prefix = make_prefix(model, prompt)
+    reference = make_reference(model, config, prompt)
+    update = make_update(model, tx, config, prompt)
     if mesh is None:
       self._rows = None
       self._prefix = jax.jit(prefix)
@@ -194,12 +265,12 @@ class GRPOTrainer:
       self._update = jax.jit(update, donate_argnums=0)
       return
     rows, rep = sharding.batch_sharding(mesh, self.rules), sharding.replicated(mesh)
-    params_sh = params_lib.merge(state_shardings.params, state_shardings.frozen)
+    params_sh = policy_params(state_shardings.params, state_shardings.frozen)
     self._rows = rows
     self._prefix = jax.jit(prefix, in_shardings=(params_sh, rows), out_shardings=rows)
-    self._reference = jax.jit(reference, in_shardings=(state_shardings.frozen,) + (rows,) * 4,
+    self._reference = jax.jit(reference, in_shardings=(state_shardings.frozen,) + (rows,) * 3,
                               out_shardings=rows)
-    self._update = jax.jit(update, in_shardings=(state_shardings,) + (rows,) * 7,
+    self._update = jax.jit(update, in_shardings=(state_shardings,) + (rows,) * 6,
                            out_shardings=(state_shardings, rep), donate_argnums=0)
 
   def _context(self):
@@ -232,8 +303,9 @@ class GRPOTrainer:
     cfg, g = self.config, self.config.group_size
     timings = {}
     start = time.perf_counter()
-    params = params_lib.merge(state.params, state.frozen)
-    embeds, valid = self._prefix(params, self._to_device(pipeline.device_batch(batch)))
+    params = policy_params(state.params, state.frozen)
+    videos = self._to_device(pipeline.device_batch(batch))
+    embeds, valid = self._prefix(params, videos)
     positions = dec.positions_from_mask(valid)
     out = sampler.sample_group(self.model.decoder, params['decoder'], embeds, positions, rng,
                                group_size=g, config=cfg.sampling,
@@ -256,18 +328,19 @@ class GRPOTrainer:
     start = time.perf_counter()
     mask_n = out['mask'].reshape(b * g, n) & real.repeat(g)[:, None]
     completions = self._to_device(dict(
-        # The prompt of video b for its G samples.
-        embeds=np.repeat(self._to_host(embeds), g, axis=0),
-        valid=np.repeat(self._to_host(valid), g, axis=0),
         tokens=tokens.reshape(b * g, n), mask=mask_n,
         adv=adv_bg.reshape(-1).astype(np.float32),
         old_logp=out['logp'].reshape(b * g, n) if cfg.mu > 1 else None))
-    embeds_n, valid_n, tokens_n, mask_n, adv_n, old_logp = (
-        completions[k] for k in ('embeds', 'valid', 'tokens', 'mask', 'adv', 'old_logp'))
-    ref_logp = self._reference(state.frozen, embeds_n, valid_n, tokens_n, mask_n)
+    tokens_n, mask_n, adv_n, old_logp = (
+        completions[k] for k in ('tokens', 'mask', 'adv', 'old_logp'))
+    if cfg.train_sign_encoder:
+      prompts = videos  # encoded again inside, by the policy and by the reference
+    else:  # the prompt of video b for its G samples
+      prompts = self._to_device(dict(embeds=np.repeat(self._to_host(embeds), g, axis=0),
+                                     valid=np.repeat(self._to_host(valid), g, axis=0)))
+    ref_logp = self._reference(state.frozen, prompts, tokens_n, mask_n)
     for _ in range(cfg.mu):
-      state, metrics = self._update(state, embeds_n, valid_n, tokens_n, mask_n, adv_n, old_logp,
-                                    ref_logp)
+      state, metrics = self._update(state, prompts, tokens_n, mask_n, adv_n, old_logp, ref_logp)
     metrics = jax.device_get(metrics)
     timings['time_update'] = time.perf_counter() - start
 

@@ -8,10 +8,12 @@ Frozen parameters (a LoRA base, a frozen encoder) get `optax.set_to_zero()` thro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import optax
+
+from rvlf_jax.train import params as params_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +78,12 @@ def make_optimizer(config: OptimizerConfig, trainable: Any = None) -> optax.Grad
     return tx
   labels = jax.tree.map(lambda t: 'train' if t else 'freeze', trainable)
   return optax.multi_transform({'train': tx, 'freeze': optax.set_to_zero()}, labels)
+
+
+def scale_part(tx: optax.GradientTransformation, factor: float,
+               where: Callable[[tuple[str, ...]], bool]) -> optax.GradientTransformation:
+  """tx with the updates of the leaves where(path) multiplied by factor: a learning rate (and
+  decoupled weight decay) `factor` times tx's for part of the model, e.g. a pretrained encoder
+  tuned gently next to fresh adapters."""
+  mask = lambda tree: params_lib.mask_from(tree, where)
+  return optax.chain(tx, optax.masked(optax.scale(factor), mask))

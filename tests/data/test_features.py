@@ -232,6 +232,28 @@ def test_interrupted_build_resumes(f32_cache, params, tmp_path):
     np.testing.assert_array_equal(cache.get(clip_id)['dense'], f32_cache.get(clip_id)['dense'])
 
 
+def test_a_failing_loader_keeps_the_clips_encoded_before_it(f32_cache, params, tmp_path):
+  """A clip whose loader raises (one that cannot be rendered) stops the build with its error;
+  every clip before it is encoded and kept, whatever the shard size, and a rerun encodes only
+  the rest."""
+  clips = make_clips()
+
+  def broken():
+    raise TypeError('clip-bad cannot be rendered')
+
+  lazy = [(i, functools.partial(lambda f: f, f)) for i, f in clips[:3]] + [('clip-bad', broken)]
+  with pytest.raises(TypeError, match='cannot be rendered'):
+    ft.build_feature_cache(lazy, CONFIG, params, tmp_path, **SAME)
+  partial = ft.FeatureCache(tmp_path)
+  assert not partial.complete and partial.ids() == ['clip-0', 'clip-1', 'clip-2']
+  loaded = []
+  rest = [(i, functools.partial(lambda i, f: loaded.append(i) or f, i, f)) for i, f in clips]
+  cache = ft.build_feature_cache(rest, CONFIG, params, tmp_path, **SAME)
+  assert loaded == ['clip-3'] and cache.complete and cache.ids() == f32_cache.ids()
+  for clip_id in cache.ids():
+    np.testing.assert_array_equal(cache.get(clip_id)['dense'], f32_cache.get(clip_id)['dense'])
+
+
 def test_other_encoder_or_settings_is_an_error(params, tmp_path):
   ft.build_feature_cache(make_clips()[:1], CONFIG, params, tmp_path, **SAME)
   manifest = str(tmp_path / 'manifest.json')

@@ -370,3 +370,13 @@ def test_launcher_generates_and_describes_tiny(tmp_path):
   stats = json.load(open(os.path.join(out, 'describe.json')))
   assert set(stats['oov']) == {'dev', 'test'} and stats['lexicon']['total'] == 194
   assert SynthSign.load(out).num_examples('train') == 40
+
+
+def test_how_many_of_a_mass_noun_asks_how_much():
+  """A HOW-MANY question whose verb is one of people's can draw a mass noun (SynthSign large, dev
+  clip 2780, the only one of its 46,000): its English asks "how much" rather than failing."""
+  lang = SynthSign('large', seed=0).language('dev', 2780)
+  assert lang.meaning.wh == 'HOW-MANY'
+  assert grammar.BY_NAME[lang.meaning.obj.head].plural is None
+  assert lang.paraphrases == ('How much meat did your daughter like yesterday?',
+                              'Yesterday, how much meat did your daughter like?')

@@ -97,7 +97,20 @@ def test_tiny_plan_numbers(tiny_plans):
     assert len(p.largest) == 10 and p.largest == sorted(p.largest, key=lambda t: -t.mib)
   assert tiny_plans['represent'].frozen_bytes == 0  # stage 1 trains everything
   assert tiny_plans['grpo'].trained_bytes < tiny_plans['grpo'].frozen_bytes  # adapters only
-  assert tiny_plans['grpo'].batch['embeds'][0] == 8 * 2  # B x G rows
+  assert tiny_plans['grpo'].batch['prompts/embeds'][0] == 8 * 2  # B x G rows
+
+
+def test_grpo_plan_with_the_sign_encoder_trained():
+  """grpo.train_sign_encoder: the update trains the sign encoder and projector too (their SFT
+  copy for the reference takes their place among the frozen bytes) and reads the B videos."""
+  (base,) = plan_lib.plan(tiny(), ['grpo'], 8)
+  (p,) = plan_lib.plan(tiny(**{'grpo.train_sign_encoder': True}), ['grpo'], 8)
+  sign_bytes = p.trained_bytes - base.trained_bytes
+  assert sign_bytes > 0 and p.frozen_bytes == base.frozen_bytes
+  assert p.optimizer_bytes - base.optimizer_bytes == 2 * sign_bytes  # Adam's two moments
+  videos = {k: v for k, v in p.batch.items() if k.startswith('prompts/')}
+  assert videos and 'prompts/embeds' not in videos
+  assert {v[0] for v in videos.values()} == {8}  # B videos, each encoded once per update
 
 
 def test_pure_data_parallel_replicates_the_parameters():

@@ -11,7 +11,7 @@ import pytest
 
 from configs import synthsign
 from launch import train as train_launch
-from rvlf_jax.recipe import build, run
+from rvlf_jax.recipe import artifacts, build, run
 from rvlf_jax.recipe import data as data_lib
 from rvlf_jax.recipe import stages as stages_lib
 from rvlf_jax.train import loop
@@ -126,6 +126,27 @@ def test_grpo_alone_starts_from_the_sft_checkpoint(tiny_run, tmp_path):
   assert results['grpo'] == tiny_run.results['grpo']
 
 
+def test_grpo_can_train_the_sign_encoder(tiny_run, tmp_path):
+  """--config.grpo.train_sign_encoder=True: GRPO from the same SFT checkpoint also moves the
+  sign encoder and projector, and its translator restores and scores like any other."""
+  workdir = str(tmp_path / 'grpo_encoder')
+  shutil.copytree(tiny_run.workdir, workdir, ignore=shutil.ignore_patterns('grpo', 'eval'))
+  os.remove(os.path.join(workdir, run.CONFIG_FILE))  # the run's config, which this one changes
+  config = synthsign.get_config('tiny')
+  config.grpo.train_sign_encoder = True
+  results = run.run(config, workdir, ('grpo',), log=lambda line: None)
+  assert set(METRICS) <= set(results['grpo']['test'])
+  grpo = artifacts.load_translator(workdir, 'grpo')
+  sft = artifacts.load_translator(workdir, 'sft')
+  assert set(grpo.params) == set(sft.params)  # the model's tree, no reference copy
+  for part in ('sign_encoder', 'projector'):
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(grpo.params[part]), jax.tree.leaves(sft.params[part]))]
+    assert max(moved) > 0, part
+  scores = artifacts.evaluate_checkpoint(workdir, 'test', stage='grpo')
+  assert scores == pytest.approx(results['grpo']['test'])
+
+
 # -- Bad input -----------------------------------------------------------------------------------
 
 
@@ -164,6 +185,10 @@ def test_bad_values_name_their_key():
     build.check(config, stages=build.STAGES, num_devices=1)
   with pytest.raises(ValueError, match="unknown variant 'huge'"):
     synthsign.get_config('huge')
+  config = synthsign.get_config('tiny')
+  config.grpo.update(train_sign_encoder=True, sign_encoder_lr_factor=0.0)
+  with pytest.raises(build.ConfigError, match='grpo.sign_encoder_lr_factor must be > 0'):
+    build.check(config, stages=build.STAGES, num_devices=1)
 
 
 def test_prompt_and_schedule_come_from_the_config(tiny_run):

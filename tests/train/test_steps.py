@@ -1,9 +1,12 @@
 """Every stage's step runs and reduces its loss on SynthSign tiny (skeleton view)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import jax
+import optax
 
 from rvlf_jax import sharding
 from rvlf_jax.data import pipeline
@@ -107,15 +110,66 @@ def test_grpo_step_updates_only_adapters_from_group_rewards(data):
   assert max(moved) > 0
 
 
-def test_grpo_trainer_on_a_mesh_matches_plain_jit(data):
-  """GRPOTrainer(mesh=...) shards prefix, sampling, reference and update over the mesh (rows
-  over data x fsdp, parameters by their logical axes) and computes the plain-jit step."""
+def test_grpo_step_can_train_the_sign_encoder_against_the_sft_reference(data):
+  """With train_sign_encoder the policy gradient also moves the sign encoder and projector, the
+  reference policy keeps their SFT values, and the first step is the adapters-only step in all
+  they share (the same policy samples the same completions and gets the same adapter update)."""
   tokenizer, batch, prompt = data
   host_batch = {**batch, 'text': np.asarray(['you go home today'] * len(batch['text_ids']))}
-  model, tx, state = lora_translator('llama', tokenizer.vocab_size, grpo.trained_mask, 1e-2)
+  model, tx, _ = lora_translator('llama', tokenizer.vocab_size, grpo.trained_mask, 1e-2)
+  params = jax.tree.map(np.asarray, model.init_params(jax.random.key(0)))
+  config = grpo.GRPOConfig(group_size=4, sampling=SamplingConfig(temperature=1.0,
+                                                                 max_new_tokens=12),
+                           rewards=(('length_penalty', 1.0), ('bleu', 0.0)))
+  steps = {}
+  for sign_encoder in (False, True):
+    trained, frozen = grpo.split_params(params, sign_encoder=sign_encoder)
+    trainer = grpo.GRPOTrainer(model, tx, prompt, tokenizer, dataclasses.replace(
+        config, train_sign_encoder=sign_encoder))
+    state = state_lib.create(trained, tx, frozen=frozen)
+    state, first = trainer.step(state, host_batch, jax.random.key(3))
+    state, second = trainer.step(state, host_batch, jax.random.key(4))
+    steps[sign_encoder] = (jax.tree.map(np.asarray, state), first, second)
+
+  (adapters, first, _), (encoder, first_enc, second_enc) = steps[False], steps[True]
+  assert set(encoder.params) == {'decoder', *grpo.SIGN_PARTS}
+  assert set(encoder.frozen[grpo.REFERENCE]) == set(grpo.SIGN_PARTS)
+  for part in grpo.SIGN_PARTS:
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(encoder.params[part]),
+                                                  jax.tree.leaves(params[part]))]
+    assert max(moved) > 0, part
+    for a, b in zip(jax.tree.leaves(encoder.frozen[grpo.REFERENCE][part]),
+                    jax.tree.leaves(params[part])):
+      np.testing.assert_array_equal(a, b)
+  for key in ('loss', 'kl', 'reward_total_mean', 'completion_length_mean'):
+    np.testing.assert_allclose(first_enc[key], first[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  assert abs(first_enc['kl']) < 1e-6  # step 0's policy is the reference
+  assert np.isfinite(second_enc['kl']) and second_enc['kl'] != 0.0  # now it is not
+  # The policy's full parameters: the model's own tree, without the reference copy.
+  policy = grpo.policy_params(encoder.params, encoder.frozen)
+  assert set(policy) == set(params)
+  assert jax.tree.structure(policy) == jax.tree.structure(
+      grpo.policy_params(adapters.params, adapters.frozen))
+
+
+@pytest.mark.parametrize('sign_encoder', [False, True])
+def test_grpo_trainer_on_a_mesh_matches_plain_jit(data, sign_encoder):
+  """GRPOTrainer(mesh=...) shards prefix, sampling, reference and update over the mesh (rows
+  over data x fsdp, parameters by their logical axes) and computes the plain-jit step, with
+  the sign encoder frozen or trained."""
+  tokenizer, batch, prompt = data
+  host_batch = {**batch, 'text': np.asarray(['you go home today'] * len(batch['text_ids']))}
+  model, _, _ = lora_translator('llama', tokenizer.vocab_size, grpo.trained_mask, 1e-2)
+  # SGD, whose update is the gradient's: Adam moves a weight whose gradient is near zero (there
+  # are such in the sign encoder) by about its learning rate either way on float noise alone.
+  tx = optax.sgd(0.1)
+  trained, frozen = grpo.split_params(model.init_params(jax.random.key(0)),
+                                      sign_encoder=sign_encoder)
+  state = state_lib.create(trained, tx, frozen=frozen)
   config = grpo.GRPOConfig(group_size=2, sampling=SamplingConfig(temperature=1.0,
                                                                  max_new_tokens=8),
-                           rewards=(('length_penalty', 1.0), ('bleu', 0.0)), mu=2)
+                           rewards=(('length_penalty', 1.0), ('bleu', 0.0)), mu=2,
+                           train_sign_encoder=sign_encoder)
   fresh = lambda: jax.tree.map(np.asarray, state)
   want_state, want = grpo.GRPOTrainer(model, tx, prompt, tokenizer, config).step(
       jax.tree.map(jax.numpy.asarray, fresh()), host_batch, jax.random.key(3))

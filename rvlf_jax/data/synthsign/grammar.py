@@ -382,7 +382,10 @@ def _realise(m: Meaning, pick: _Chooser) -> str:
   if m.wh == 'HOW-MANY':  # "how many red apples did ..."
     g = BY_NAME[m.obj.head]
     adj = pick('obj.adj', BY_NAME[m.obj.adj].english) + ' ' if m.obj.adj else ''
-    obj = f'how many {adj}{g.plural[pick("obj.head", range(len(g.english)))]}'
+    if g.plural is None:  # a mass noun, which a verb of people can draw: "how much water"
+      obj = f'how much {adj}{pick("obj.head", g.english)}'
+    else:
+      obj = f'how many {adj}{g.plural[pick("obj.head", range(len(g.english)))]}'
   place = ''
   if m.place:
     phrases = BY_NAME[m.place].dest if m.frame == 'motion' else BY_NAME[m.place].loc
