@@ -38,6 +38,9 @@ METRICS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l')
 # Config sections a resumed run may change (they do not change what was trained so far; a
 # checkpoint restores onto any mesh).
 _RESUMABLE = ('seed', 'stages', 'eval', 'checkpoint', 'mesh')
+# Config keys added since workdirs were first written, with the value that runs the way a
+# workdir without the key ran: such a workdir resumes when the config keeps that value.
+_ADDED = {'grpo.train_sign_encoder': False, 'grpo.sign_encoder_lr_factor': 0.1}
 # How long the other processes wait for process 0 to prepare the data (a real dataset's feature
 # cache takes hours).
 _PREPARE_TIMEOUT_S = 24 * 3600.0
@@ -61,7 +64,7 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
     with open(path) as f:
       saved = json.load(f)
     now = _flat(json.loads(text))
-    saved = _flat(saved)
+    saved = {**{k: v for k, v in _ADDED.items() if k in now}, **_flat(saved)}
     changed = sorted(k for k in set(saved) | set(now)
                      if saved.get(k) != now.get(k) and k.split('.')[0] not in _RESUMABLE)
     if changed:

@@ -237,6 +237,25 @@ def test_a_changed_config_is_refused_in_the_same_workdir(tiny_run, tmp_path):
     run.run(config, workdir, ('sft',), log=lambda line: None)
 
 
+def test_a_workdir_older_than_a_config_key_resumes_with_its_old_value(tiny_run, tmp_path):
+  """A key added to the configs after a workdir was run (absent from its config.json) is no
+  change while it keeps the value that runs as the workdir ran, and one when it does not."""
+  workdir = str(tmp_path / 'older')
+  shutil.copytree(tiny_run.workdir, workdir, ignore=shutil.ignore_patterns('grpo', 'eval'))
+  path = os.path.join(workdir, run.CONFIG_FILE)
+  with open(path) as f:
+    saved = json.load(f)
+  del saved['grpo']['train_sign_encoder'], saved['grpo']['sign_encoder_lr_factor']
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  config = synthsign.get_config('tiny')
+  config.grpo.train_sign_encoder = True
+  with pytest.raises(build.ConfigError, match=r'grpo.train_sign_encoder differ'):
+    run.run(config, workdir, ('sft',), log=lambda line: None)
+  results = run.run(synthsign.get_config('tiny'), workdir, ('sft',), log=lambda line: None)
+  assert results['sft'] == tiny_run.results['sft']
+
+
 def test_nan_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tiny_run, tmp_path,
                                                                      monkeypatch):
   workdir = str(tmp_path / 'nan')
