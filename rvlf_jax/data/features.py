@@ -324,6 +324,9 @@ def build_feature_cache(
         start += n
         if filled == batch_frames:
           dispatch()
+
+  def drain():
+    """Encodes the batch being filled and collects every batch in flight."""
     if filled:
       dispatch()
     while in_flight:
@@ -331,14 +334,12 @@ def build_feature_cache(
 
   try:
     encode_all()
+    drain()
   except BaseException:
-    # Lose nothing already done: the clips finished before the failure are written (the
-    # cache stays incomplete), so that a rerun encodes only the rest.
+    # Lose nothing already done: the clips loaded before the failure are encoded and written
+    # (the cache stays incomplete), so that a rerun encodes only the rest.
     with contextlib.suppress(Exception):
-      if filled:
-        dispatch()
-      while in_flight:
-        collect(in_flight.popleft())
+      drain()
     writer.save()
     raise
   writer.close()

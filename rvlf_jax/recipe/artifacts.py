@@ -23,6 +23,7 @@ We ship no pose estimator: a model that reads keypoints needs a pose file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -126,7 +127,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{path}: missing; {workdir} is not the workdir of a launch.train run '
                             '(or that run has not started).')
   with open(path) as f:
-    return build.from_json(f.read())
+    return build.from_json(json.dumps(run.with_added_keys(json.load(f))))
 
 
 def _has_checkpoints(workdir: str, stage: str) -> bool:

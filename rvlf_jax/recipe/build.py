@@ -227,7 +227,7 @@ def grpo_config(config: ml_collections.ConfigDict) -> grpo_lib.GRPOConfig:
   return _fields(grpo_lib.GRPOConfig, dict(
       group_size=g.group_size, rewards=rewards, advantage=g.advantage, epsilon=g.epsilon,
       epsilon_high=g.epsilon_high or None, beta=g.beta, aggregation=g.aggregation, mu=g.mu,
-      lang=config.data.lang, train_sign_encoder=bool(g.get('train_sign_encoder', False))),
+      lang=config.data.lang, train_sign_encoder=bool(g.train_sign_encoder)),
       'grpo', sampling=sampling)
 
 

@@ -56,15 +56,24 @@ def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def with_added_keys(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config.json's contents with the keys added since it was written (`_ADDED`), at the
+  values its run had."""
+  filled = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  for key, value in _ADDED.items():
+    section, name = key.split('.')
+    filled.setdefault(section, {}).setdefault(name, value)
+  return filled
+
+
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks a resumed run's config against config.json; process 0 (re)writes it."""
   path = os.path.join(workdir, CONFIG_FILE)
   text = build.to_json(config)
   if os.path.exists(path):
     with open(path) as f:
-      saved = json.load(f)
+      saved = _flat(with_added_keys(json.load(f)))
     now = _flat(json.loads(text))
-    saved = {**{k: v for k, v in _ADDED.items() if k in now}, **_flat(saved)}
     changed = sorted(k for k in set(saved) | set(now)
                      if saved.get(k) != now.get(k) and k.split('.')[0] not in _RESUMABLE)
     if changed:

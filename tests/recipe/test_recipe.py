@@ -248,6 +248,8 @@ def test_a_workdir_older_than_a_config_key_resumes_with_its_old_value(tiny_run, 
   del saved['grpo']['train_sign_encoder'], saved['grpo']['sign_encoder_lr_factor']
   with open(path, 'w') as f:
     json.dump(saved, f)
+  # Read back for evaluation or export, it has the keys at those values.
+  assert artifacts.read_config(workdir).grpo.train_sign_encoder is False
   config = synthsign.get_config('tiny')
   config.grpo.train_sign_encoder = True
   with pytest.raises(build.ConfigError, match=r'grpo.train_sign_encoder differ'):
