@@ -130,7 +130,7 @@ def get_config(arg: str | None, *, name: str, data: dict[str, Any], dinov2: str,
   # Stage 2: LoRA instruction tuning, early stopping on dev BLEU.
   c.sft.update(
       batch_size=64, learning_rate=2e-4, weight_decay=0.0, schedule='cosine', lora=True, patience=4,
-      stop_window=1, eval_examples=dev_clips, log_every=20)
+      stop_window=1, min_steps=0, eval_examples=dev_clips, log_every=20)
   c.sft.update(sft)
   c.sft.checkpoint_every = c.sft.eval_every
   # Stage 3: GRPO, 64 clips x 8 samples a step, fresh rank-16 adapters on the merged SFT model.

@@ -305,6 +305,10 @@ def check(config: ml_collections.ConfigDict, *, stages: Sequence[str], num_devic
   optimizer_config(config, 'represent')
   optimizer_config(config, 'sft')
   optimizer_config(config, 'grpo')
+  sft = config.sft
+  if int(sft.patience) < 0 or int(sft.stop_window) < 1 or int(sft.min_steps) < 0:
+    raise ConfigError(f'sft early stopping: patience ({sft.patience}) and min_steps '
+                      f'({sft.min_steps}) must be >= 0 and stop_window ({sft.stop_window}) >= 1.')
   if grpo_config(config).train_sign_encoder and not config.grpo.sign_encoder_lr_factor > 0:
     raise ConfigError('grpo.sign_encoder_lr_factor must be > 0 with grpo.train_sign_encoder, '
                       f'got {config.grpo.sign_encoder_lr_factor}.')

@@ -38,9 +38,12 @@ METRICS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l')
 # Config sections a resumed run may change (they do not change what was trained so far; a
 # checkpoint restores onto any mesh).
 _RESUMABLE = ('seed', 'stages', 'eval', 'checkpoint', 'mesh')
+# Keys a resumed run may change too: when SFT stops early, not what it trained so far.
+_RESUMABLE_KEYS = ('sft.patience', 'sft.stop_window', 'sft.min_steps')
 # Config keys added since workdirs were first written, with the value that runs the way a
 # workdir without the key ran: such a workdir resumes when the config keeps that value.
-_ADDED = {'grpo.train_sign_encoder': False, 'grpo.sign_encoder_lr_factor': 0.1}
+_ADDED = {'grpo.train_sign_encoder': False, 'grpo.sign_encoder_lr_factor': 0.1,
+          'sft.min_steps': 0}
 # How long the other processes wait for process 0 to prepare the data (a real dataset's feature
 # cache takes hours).
 _PREPARE_TIMEOUT_S = 24 * 3600.0
@@ -75,7 +78,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
       saved = _flat(with_added_keys(json.load(f)))
     now = _flat(json.loads(text))
     changed = sorted(k for k in set(saved) | set(now)
-                     if saved.get(k) != now.get(k) and k.split('.')[0] not in _RESUMABLE)
+                     if saved.get(k) != now.get(k) and k.split('.')[0] not in _RESUMABLE
+                     and k not in _RESUMABLE_KEYS)
     if changed:
       raise build.ConfigError(
           f'{path}: this workdir was run with a different config ({", ".join(changed[:8])} '

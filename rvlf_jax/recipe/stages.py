@@ -258,7 +258,8 @@ def run_sft(ctx: Context, sign_params: Any | None) -> tuple[slt.SLTModel, Any, l
       'sft', setup.init, step, lambda: ctx.train_batches(cfg, ctx.seed), ctx.workdir,
       target=setup.target, eval_fn=_dev_eval(ctx, model, cfg), eval_every=int(cfg.eval_every),
       best_metric='bleu4', early_stopping_patience=int(cfg.patience) or None,
-      early_stopping_window=int(cfg.stop_window), **_stage_kwargs(cfg, ctx.config))
+      early_stopping_window=int(cfg.stop_window), early_stopping_min_steps=int(cfg.min_steps),
+      **_stage_kwargs(cfg, ctx.config))
   return model, params_lib.merge(state.params, state.frozen), history
 
 

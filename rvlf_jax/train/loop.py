@@ -282,7 +282,8 @@ def _improved(value: float, best: dict[str, Any] | None, metric: str, mode: str)
 
 
 def _validate(*, num_steps, eval_fn, eval_every, best_metric, best_mode, checkpoint_every, keep,
-              log_every, early_stopping_patience, early_stopping_window, time_limit_s) -> None:
+              log_every, early_stopping_patience, early_stopping_window,
+              early_stopping_min_steps, time_limit_s) -> None:
   if num_steps < 1 or checkpoint_every < 1 or log_every < 1 or keep < 1 or eval_every < 0:
     raise ValueError(f'num_steps ({num_steps}), checkpoint_every ({checkpoint_every}), log_every '
                      f'({log_every}) and keep ({keep}) must be >= 1, eval_every ({eval_every}) '
@@ -296,6 +297,8 @@ def _validate(*, num_steps, eval_fn, eval_every, best_metric, best_mode, checkpo
                      f'{early_stopping_patience}.')
   if early_stopping_window < 1:
     raise ValueError(f'early_stopping_window must be >= 1, got {early_stopping_window}.')
+  if early_stopping_min_steps < 0:
+    raise ValueError(f'early_stopping_min_steps must be >= 0, got {early_stopping_min_steps}.')
   if time_limit_s is not None and time_limit_s <= 0:
     raise ValueError(f'time_limit_s must be positive, got {time_limit_s}.')
 
@@ -319,6 +322,7 @@ def run_stage(
     log_every: int = 50,
     early_stopping_patience: int | None = None,
     early_stopping_window: int = 1,
+    early_stopping_min_steps: int = 0,
     time_limit_s: float | None = None,
     return_best: bool = True,
     loss_key: str = 'loss',
@@ -360,6 +364,11 @@ def run_stage(
       each evaluation itself; more keeps the noise of a small dev set (BLEU-4 on 300 clips
       moves by 1-2 points between nearby checkpoints) from stopping a stage that still learns.
       The best checkpoint is still the best single evaluation.
+    early_stopping_min_steps: early stopping does not stop the stage before this step. The
+      evaluations before it still rank checkpoints and count towards the patience, so a stage
+      whose running mean has not improved for `patience` evaluations by then stops at its
+      first evaluation from this step on. A rate that decays over the step budget brings most
+      of the dev gains late; a noisy dip early on must not end such a run.
     time_limit_s: stop after this much training wall time, counted over all runs of the
       stage (the time after the last checkpoint of an interrupted run is not counted).
     return_best: return the best evaluated state rather than the last one.
@@ -379,7 +388,8 @@ def run_stage(
   _validate(num_steps=num_steps, eval_fn=eval_fn, eval_every=eval_every, best_metric=best_metric,
             best_mode=best_mode, checkpoint_every=checkpoint_every, keep=keep,
             log_every=log_every, early_stopping_patience=early_stopping_patience,
-            early_stopping_window=early_stopping_window, time_limit_s=time_limit_s)
+            early_stopping_window=early_stopping_window,
+            early_stopping_min_steps=early_stopping_min_steps, time_limit_s=time_limit_s)
   stage_dir = os.path.join(workdir, stage)
   checkpoint_dir = os.path.join(stage_dir, CHECKPOINTS_DIR)
   is_main = jax.process_index() == 0
@@ -428,7 +438,7 @@ def run_stage(
         seed=seed, eval_fn=eval_fn, eval_every=eval_every, best_metric=best_metric,
         best_mode=best_mode, checkpoint_every=checkpoint_every, log_every=log_every,
         patience=early_stopping_patience, window=early_stopping_window,
-        time_limit_s=time_limit_s, loss_key=loss_key,
+        min_steps=early_stopping_min_steps, time_limit_s=time_limit_s, loss_key=loss_key,
         callbacks=callbacks, last_checkpoint=latest, checkpoint_dir=checkpoint_dir)
     manager.wait_until_finished()
 
@@ -455,7 +465,8 @@ def _train(stage: str, state: Any, step_fn: StepFn, iterator: Any,
            manager: ocp.CheckpointManager, log: metrics_log.MetricsLog, progress: _Progress, *,
            num_steps: int, seed: int, eval_fn: EvalFn | None, eval_every: int,
            best_metric: str | None, best_mode: str, checkpoint_every: int, log_every: int,
-           patience: int | None, window: int, time_limit_s: float | None, loss_key: str,
+           patience: int | None, window: int, min_steps: int, time_limit_s: float | None,
+           loss_key: str,
            callbacks: Sequence[Callback], last_checkpoint: int | None, checkpoint_dir: str
            ) -> Any:
   """Steps from `progress.step` until a stop reason is set; updates `progress` in place."""
@@ -513,7 +524,8 @@ def _train(stage: str, state: Any, step_fn: StepFn, iterator: Any,
         if _improved(eval_metrics[best_metric], progress.best, best_metric, best_mode):
           progress.best = {'step': step, 'metrics': eval_metrics}
         progress.record(eval_metrics[best_metric], window, best_mode)
-        if patience is not None and progress.evals_since_best >= patience:
+        if (patience is not None and progress.evals_since_best >= patience
+            and step >= min_steps):
           progress.stop_reason = 'early_stopping'
     if progress.stop_reason is None and time_up:
       progress.stop_reason = 'time_limit'

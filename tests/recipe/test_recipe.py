@@ -189,6 +189,10 @@ def test_bad_values_name_their_key():
   config.grpo.update(train_sign_encoder=True, sign_encoder_lr_factor=0.0)
   with pytest.raises(build.ConfigError, match='grpo.sign_encoder_lr_factor must be > 0'):
     build.check(config, stages=build.STAGES, num_devices=1)
+  config = synthsign.get_config('tiny')
+  config.sft.min_steps = -100
+  with pytest.raises(build.ConfigError, match=r'min_steps \(-100\) must be >= 0'):
+    build.check(config, stages=build.STAGES, num_devices=1)
 
 
 def test_prompt_and_schedule_come_from_the_config(tiny_run):

@@ -225,6 +225,30 @@ def test_early_stopping_and_a_finished_stage_is_not_rerun(tmp_path):
     np.testing.assert_array_equal(got, want)
 
 
+def test_early_stopping_waits_for_min_steps(tmp_path):
+  """A dip before min_steps does not end the stage; the evaluations before it still rank the
+  checkpoints and count towards the patience."""
+  scores = {2: 0.5, 4: 0.9, 6: 0.3, 8: 0.3, 10: 1.0, 12: 0.2, 14: 0.1, 16: 0.1, 18: 0.1}
+  kwargs = dict(num_steps=20, eval_fn=scripted_eval(scores), eval_every=2, best_metric='score',
+                early_stopping_patience=2, checkpoint_every=100, plot=False)
+  _, eager = loop.run_stage('eager', init_state, STEP, make_data(), str(tmp_path), **kwargs)
+  assert eager.stop_reason == 'early_stopping' and eager.step == 8 and eager.state_step == 4
+  state, waited = loop.run_stage('waited', init_state, STEP, make_data(), str(tmp_path),
+                                 early_stopping_min_steps=9, **kwargs)
+  # Step 10 is a new best; 12 and 14 are not: the patience of 2 ends it at step 14.
+  assert waited.stop_reason == 'early_stopping' and waited.step == 14
+  assert waited.best == {'step': 10, 'metrics': {'score': 1.0}} and int(state.step) == 10
+  # With no new best after the dip, it stops at the first evaluation from min_steps on.
+  late = {2: 0.5, 4: 0.9, 6: 0.3, 8: 0.3, 10: 0.3, 12: 0.3, 14: 0.3}
+  _, held = loop.run_stage('held', init_state, STEP, make_data(), str(tmp_path),
+                           **{**kwargs, 'eval_fn': scripted_eval(late)},
+                           early_stopping_min_steps=11)
+  assert held.stop_reason == 'early_stopping' and held.step == 12 and held.state_step == 4
+  with pytest.raises(ValueError, match='early_stopping_min_steps must be >= 0'):
+    loop.run_stage('bad', init_state, STEP, make_data(), str(tmp_path),
+                   early_stopping_min_steps=-1, **kwargs)
+
+
 def test_early_stopping_watches_the_running_mean_across_a_resume(tmp_path):
   workdir = str(tmp_path)
   # Noisy but rising: a dip below the best at 6 and 8, then a new best. Watched evaluation by
