@@ -35,11 +35,10 @@ from rvlf_jax.train import params as params_lib
 
 CONFIG_FILE, RESULTS_FILE, DECODER_DIR = 'config.json', 'results.json', 'decoder'
 METRICS = ('bleu1', 'bleu2', 'bleu3', 'bleu4', 'rouge_l')
-# Config sections a resumed run may change (they do not change what was trained so far; a
-# checkpoint restores onto any mesh).
-_RESUMABLE = ('seed', 'stages', 'eval', 'checkpoint', 'mesh')
-# Keys a resumed run may change too: when SFT stops early, not what it trained so far.
-_RESUMABLE_KEYS = ('sft.patience', 'sft.stop_window', 'sft.min_steps')
+# Config sections and keys a resumed run may change: they do not change what was trained so
+# far (a checkpoint restores onto any mesh; SFT's early-stopping rule only says when it ends).
+_RESUMABLE = ('seed', 'stages', 'eval', 'checkpoint', 'mesh', 'sft.patience', 'sft.stop_window',
+              'sft.min_steps')
 # Config keys added since workdirs were first written, with the value that runs the way a
 # workdir without the key ran: such a workdir resumes when the config keeps that value.
 _ADDED = {'grpo.train_sign_encoder': False, 'grpo.sign_encoder_lr_factor': 0.1,
@@ -69,6 +68,10 @@ def with_added_keys(saved: dict[str, Any]) -> dict[str, Any]:
   return filled
 
 
+def _resumable(key: str) -> bool:
+  return any(key == r or key.startswith(r + '.') for r in _RESUMABLE)
+
+
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Checks a resumed run's config against config.json; process 0 (re)writes it."""
   path = os.path.join(workdir, CONFIG_FILE)
@@ -78,8 +81,7 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
       saved = _flat(with_added_keys(json.load(f)))
     now = _flat(json.loads(text))
     changed = sorted(k for k in set(saved) | set(now)
-                     if saved.get(k) != now.get(k) and k.split('.')[0] not in _RESUMABLE
-                     and k not in _RESUMABLE_KEYS)
+                     if saved.get(k) != now.get(k) and not _resumable(k))
     if changed:
       raise build.ConfigError(
           f'{path}: this workdir was run with a different config ({", ".join(changed[:8])} '
